@@ -1,0 +1,54 @@
+# Every target does its own set-up (venv, torch, the editable install that builds trp._C),
+# idempotently: a second run only rebuilds what changed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export MAX_JOBS ?= 2
+# 1: benchmarks in CI mode (few sizes, short timing)
+QUICK ?=
+
+CSRC := $(shell find src/trp/csrc -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu')
+INSTALLED := $(VENV)/.trp-installed
+EXTENSION := build/.trp-extension
+
+.PHONY: setup build demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	touch $@
+
+$(INSTALLED): $(VENV)/.torch setup.py setup.cfg pyproject.toml
+	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	touch $@
+
+# Incremental (ninja) rebuild of trp._C after a change under src/trp/csrc; serialised with
+# flock so parallel shells never race on build/.
+$(EXTENSION): $(INSTALLED) $(CSRC)
+	mkdir -p build
+	flock build/.lock $(BIN)/python setup.py -q build_ext --inplace
+	touch $@
+
+setup: $(EXTENSION)
+
+build: setup
+
+demo: setup
+	$(BIN)/python benchmarks/bench_match_cost.py --quick
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py $(if $(QUICK),--quick,)
+
+clean:
+	rm -rf build src/trp/*.so

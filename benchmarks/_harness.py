@@ -1,0 +1,223 @@
+"""Shared benchmark harness: fused op vs eager reference, time and peak memory.
+
+A benchmark module (``benchmarks/bench_<op>.py``) defines
+
+* ``OP`` (str) and ``cases(quick: bool) -> list[dict]``: the sizes to run;
+* ``make_inputs(case: dict, mode: str) -> dict``: seeded inputs (``mode`` is ``"forward"`` or
+  ``"forward+backward"``; the latter makes leaf tensors that require grad);
+* ``SIDES: dict[str, Callable[..., Tensor | tuple]]``: ``"eager"`` and ``"fused"`` callables taking
+  the inputs as keyword arguments; a side returning several tensors is reduced by summing;
+* optionally ``MODES`` (default both) and ``check(case) -> float``: max abs error fused vs eager.
+
+Timing uses ``torch.utils.benchmark.Timer.blocked_autorange`` at 1 and 2 threads. Peak memory is
+the growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) over one call,
+measured in a fresh subprocess with glibc's mmap threshold pinned so freed tensors leave the
+process: what a user sees as the process growing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch.utils import benchmark
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("forward", "forward+backward")
+
+
+def load_module(path: str | Path) -> ModuleType:
+    path = Path(path).resolve()
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _reduce(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out.float().sum()
+    return sum(o.float().sum() for o in out if isinstance(o, torch.Tensor))
+
+
+def make_call(fn: Callable, inputs: dict, mode: str) -> Callable[[], None]:
+    """A zero-argument closure running one forward (or forward+backward) of ``fn``."""
+    if mode == "forward":
+
+        def call() -> None:
+            with torch.no_grad():
+                fn(**inputs)
+
+        return call
+    leaves = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def call_backward() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        _reduce(fn(**inputs)).backward()
+
+    return call_backward
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _measure_memory_here(module_path: str, side: str, mode: str, case: dict) -> int:
+    module = load_module(module_path)
+    torch.set_num_threads(1)
+    inputs = module.make_inputs(case, mode)
+    call = make_call(module.SIDES[side], inputs, mode)
+    call()  # warm-up: lazy initialisation is not the op's memory
+    before = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    call()
+    return max(0, _status_kb("VmHWM") - before) * 1024
+
+
+def peak_memory(module_path: str, side: str, mode: str, case: dict) -> int | None:
+    """Peak process growth in bytes of one call, in a fresh subprocess (None if unsupported)."""
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory",
+        str(module_path),
+        side,
+        mode,
+        json.dumps(case),
+    ]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory measurement failed:\n{out.stderr[-2000:]}")
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}"
+
+
+def _fmt_mb(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def run(module_path: str | Path, quick: bool, threads: tuple[int, ...] = (1, 2)) -> list[dict]:
+    """Benchmark every case of a module; write results/<op>[.quick].json and .md; return rows."""
+    module = load_module(module_path)
+    min_run_time = 0.2 if quick else 1.0
+    modes = getattr(module, "MODES", MODES)
+    rows = []
+    for case in module.cases(quick):
+        error = module.check(case) if hasattr(module, "check") else None
+        for mode in modes:
+            memory = {
+                side: peak_memory(str(module_path), side, mode, case) for side in module.SIDES
+            }
+            for n in threads:
+                torch.set_num_threads(n)
+                inputs = module.make_inputs(case, mode)
+                timings = {}
+                for side, fn in module.SIDES.items():
+                    call = make_call(fn, inputs, mode)
+                    call()
+                    m = benchmark.Timer(
+                        stmt="call()",
+                        globals={"call": call},
+                        num_threads=n,
+                        label=module.OP,
+                        sub_label=f"{case} {mode}",
+                        description=side,
+                    ).blocked_autorange(min_run_time=min_run_time)
+                    timings[side] = m
+                eager, fused = timings["eager"], timings["fused"]
+                rows.append(
+                    {
+                        "op": module.OP,
+                        "case": case,
+                        "mode": mode,
+                        "threads": n,
+                        "eager_median_s": eager.median,
+                        "eager_iqr_s": eager.iqr,
+                        "fused_median_s": fused.median,
+                        "fused_iqr_s": fused.iqr,
+                        "speedup": eager.median / fused.median,
+                        "eager_peak_bytes": memory["eager"],
+                        "fused_peak_bytes": memory["fused"],
+                        "max_abs_error": error,
+                    }
+                )
+                print(_row_markdown(rows[-1]), flush=True)
+    write(module.OP, rows, quick)
+    return rows
+
+
+_HEADER = (
+    "| case | mode | threads | eager ms (IQR) | fused ms (IQR) | speed-up | eager peak MB | "
+    "fused peak MB | memory ratio | max abs err |\n|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _row_markdown(r: dict) -> str:
+    case = ", ".join(f"{k}={v}" for k, v in r["case"].items())
+    ratio = (
+        f"{r['eager_peak_bytes'] / max(r['fused_peak_bytes'], 1):.1f}x"
+        if r["eager_peak_bytes"] is not None and r["fused_peak_bytes"] is not None
+        else "n/a"
+    )
+    err = "" if r["max_abs_error"] is None else f"{r['max_abs_error']:.1e}"
+    return (
+        f"| {case} | {r['mode']} | {r['threads']} | {_fmt_ms(r['eager_median_s'])} "
+        f"({_fmt_ms(r['eager_iqr_s'])}) | {_fmt_ms(r['fused_median_s'])} "
+        f"({_fmt_ms(r['fused_iqr_s'])}) | {r['speedup']:.2f}x | {_fmt_mb(r['eager_peak_bytes'])} "
+        f"| {_fmt_mb(r['fused_peak_bytes'])} | {ratio} | {err} |"
+    )
+
+
+def to_markdown(op: str, rows: list[dict]) -> str:
+    lines = [f"### {op}", "", _HEADER, *(_row_markdown(r) for r in rows)]
+    return "\n".join(lines) + "\n"
+
+
+def write(op: str, rows: list[dict], quick: bool) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"{op}.quick" if quick else op
+    meta = {
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu_count": os.cpu_count(),
+        "quick": quick,
+    }
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (RESULTS / f"{stem}.md").write_text(to_markdown(op, rows))
+    print(f"\n{to_markdown(op, rows)}\nwrote {RESULTS / stem}.json/.md")
+
+
+def main(module_path: str) -> None:
+    parser = argparse.ArgumentParser(description=f"benchmark {Path(module_path).stem}")
+    parser.add_argument("--quick", action="store_true", help="CI mode: few sizes, short timing")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    run(module_path, args.quick, tuple(args.threads))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "--memory":
+        _, _, path, side_name, mode_name, case_json = sys.argv
+        print(_measure_memory_here(path, side_name, mode_name, json.loads(case_json)))
+    else:
+        raise SystemExit("usage: import benchmarks._harness, or --memory PATH SIDE MODE CASE")

@@ -1,0 +1,25 @@
+"""Fused ops of trp (``torch.ops.trp.*``) with their Python APIs and eager references.
+
+Each op has a function and an ``nn.Module``; the fused kernel runs when ``trp._C`` is built and
+``TRP_FUSED`` is not 0, otherwise the reference in :mod:`trp.ops.reference` does.
+"""
+
+from trp._native import fused_enabled, native_available, set_fused, use_fused
+from trp.ops import reference
+from trp.ops.box_iou import BoxIoU, box_iou, generalized_box_iou
+from trp.ops.match_cost import MatchCost, PackedCost, class_cost_table, match_cost
+
+__all__ = [
+    "BoxIoU",
+    "MatchCost",
+    "PackedCost",
+    "box_iou",
+    "class_cost_table",
+    "fused_enabled",
+    "generalized_box_iou",
+    "match_cost",
+    "native_available",
+    "reference",
+    "set_fused",
+    "use_fused",
+]

@@ -1,0 +1,84 @@
+"""Eager PyTorch references of every fused op in ``trp.ops``.
+
+They define the semantics (the fused kernels are tested against them), run wherever the native
+extension is missing or disabled (``TRP_FUSED=0``), and are the baselines of ``benchmarks/``.
+They favour clarity over speed and memory, and assume inputs already validated by ``trp.ops``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    # 0/0 -> 0 with a NaN-free gradient: divide by 1 where the denominator is not positive.
+    positive = den > 0
+    return torch.where(positive, num / torch.where(positive, den, torch.ones_like(den)), 0.0)
+
+
+def _box_area(boxes: Tensor) -> Tensor:
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def _inter_union(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
+    lt = torch.maximum(boxes1[:, None, :2], boxes2[None, :, :2])  # N x M x 2
+    rb = torch.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])  # N x M x 2
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = _box_area(boxes1)[:, None] + _box_area(boxes2)[None, :] - inter
+    return inter, union
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU, boxes1 [N, 4] xyxy, boxes2 [M, 4] xyxy -> [N, M]; 0/0 is 0."""
+    inter, union = _inter_union(boxes1, boxes2)
+    return _safe_div(inter, union)
+
+
+def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """GIoU, boxes1 [N, 4] xyxy, boxes2 [M, 4] xyxy -> [N, M]; 0/0 terms are 0."""
+    inter, union = _inter_union(boxes1, boxes2)
+    iou = _safe_div(inter, union)
+    lt = torch.minimum(boxes1[:, None, :2], boxes2[None, :, :2])
+    rb = torch.maximum(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    area_c = wh[..., 0] * wh[..., 1]
+    return iou - _safe_div(area_c - union, area_c)
+
+
+def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
+
+
+def match_cost(
+    class_cost: Tensor,
+    pred_boxes: Tensor,
+    tgt_labels: Tensor,
+    tgt_boxes: Tensor,
+    tgt_offsets: Tensor,
+    weight_class: float,
+    weight_bbox: float,
+    weight_giou: float,
+) -> Tensor:
+    """Packed per-image matching cost, image by image (see ``trp.ops.match_cost``).
+
+    class_cost [B, Q, K], pred_boxes [B, Q, 4] cxcywh, tgt_labels [G], tgt_boxes [G, 4] cxcywh,
+    tgt_offsets [B + 1] -> [Q * G], image b's [Q, G_b] block first at ``Q * tgt_offsets[b]``.
+    """
+    blocks = []
+    offsets = tgt_offsets.tolist()
+    for b in range(class_cost.shape[0]):
+        lo, hi = offsets[b], offsets[b + 1]
+        labels, boxes = tgt_labels[lo:hi], tgt_boxes[lo:hi]
+        cost = (
+            weight_class * class_cost[b][:, labels]
+            + weight_bbox * torch.cdist(pred_boxes[b], boxes, p=1)
+            - weight_giou
+            * generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes[b]), box_cxcywh_to_xyxy(boxes))
+        )
+        blocks.append(cost.reshape(-1))
+    if not blocks:
+        return class_cost.new_empty((0,))
+    return torch.cat(blocks)

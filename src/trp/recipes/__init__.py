@@ -1,0 +1,1 @@
+"""trp.recipes"""

@@ -1,0 +1,76 @@
+"""The native extension, the fused/reference switch and the fallback path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import trp
+import trp._native as native
+from tests.conftest import random_boxes, requires_native
+
+
+def test_version_and_lazy_subpackages():
+    assert isinstance(trp.__version__, str) and trp.__version__.count(".") == 2
+    assert trp.ops.box_iou is not None
+    with pytest.raises(AttributeError):
+        trp.no_such_thing  # noqa: B018
+
+
+@requires_native
+def test_ops_registered_with_cpu_kernels():
+    for op in ("box_iou", "generalized_box_iou", "box_iou_backward", "match_cost"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"trp::{op}", "CPU"), op
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRP_EXPECT_CUDA_KERNELS") != "1", reason="CUDA kernels not requested"
+)
+def test_every_op_has_a_cuda_kernel():
+    # CI builds with TRP_CUDA=1: this proves the .cu files were compiled and registered.
+    ops = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("trp::")]
+    assert ops, "no trp ops registered"
+    missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")]
+    assert not missing, f"ops without a CUDA kernel: {missing}"
+    assert native.cuda_kernels_available()
+
+
+def test_set_fused_switch_and_context():
+    assert native.fused_enabled() is (os.environ.get("TRP_FUSED", "1") != "0")
+    with native.use_fused(False):
+        assert not native.fused_enabled()
+        assert not native.should_use_fused(torch.zeros(1))
+    with pytest.raises(TypeError):
+        native.set_fused("yes")  # type: ignore[arg-type]
+
+
+def test_reference_path_gives_same_result(gen):
+    b1, b2 = random_boxes(6, generator=gen), random_boxes(4, generator=gen)
+    fused = trp.ops.generalized_box_iou(b1, b2)
+    with native.use_fused(False):
+        ref = trp.ops.generalized_box_iou(b1, b2)
+    torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_missing_extension_warns_once_and_falls_back(monkeypatch, gen):
+    monkeypatch.setattr(native, "_LOAD_ERROR", ImportError("simulated"))
+    monkeypatch.setattr(native, "_warned", False)
+    b1, b2 = random_boxes(3, generator=gen), random_boxes(2, generator=gen)
+    with pytest.warns(RuntimeWarning, match="fall back"):
+        out = trp.ops.box_iou(b1, b2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trp.ops.box_iou(b1, b2)
+    torch.testing.assert_close(out, trp.ops.reference.box_iou(b1, b2))
+
+
+def test_bad_trp_fused_value_is_rejected():
+    code = "import trp._native as n; n.fused_enabled()"
+    env = dict(os.environ, TRP_FUSED="maybe")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "TRP_FUSED must be 0 or 1" in out.stderr
