@@ -5,6 +5,7 @@ a target being a latent ``[i]<REF>`` slot or a run of visual reference tokens ``
 see ``docs/grammar.md``.
 """
 
+from trp.grammar.constrained import TRPLogitsProcessor
 from trp.grammar.errors import TRPParseError
 from trp.grammar.format import (
     FormattedAnswer,
@@ -25,6 +26,7 @@ from trp.grammar.format import (
 )
 from trp.grammar.incremental import IncrementalParser
 from trp.grammar.parse import parse, parse_ids
+from trp.grammar.routing import UnitQueries, route_targets
 from trp.grammar.tokenizer import (
     ChatTemplate,
     EncodedConversation,
@@ -73,12 +75,14 @@ __all__ = [
     "FormattedAnswer",
     "IncrementalParser",
     "ParseResult",
+    "TRPLogitsProcessor",
     "TRPParseError",
     "Target",
     "TaskBlock",
     "TaskEntry",
     "TokenVocab",
     "Triplet",
+    "UnitQueries",
     "VisualPrompt",
     "add_trp_tokens",
     "encode_conversation",
@@ -104,6 +108,7 @@ __all__ = [
     "registered_units",
     "render_vrt",
     "resize_embeddings",
+    "route_targets",
     "trp_token_ids",
     "unregister_unit",
     "vrt_base_of",

@@ -73,6 +73,16 @@ class IncrementalParser:
     def _position(self, offset: int) -> int:
         return max(token_positions((((offset,),),), self.starts)[0][0][0], 0)
 
+    def copy(self) -> IncrementalParser:
+        """An independent parser in the same state (for beam search and probing)."""
+        new = IncrementalParser.__new__(IncrementalParser)
+        new.vocab = self.vocab
+        new.scanner = self.scanner.copy()
+        new.starts = list(self.starts)
+        new.error = self.error
+        new.done = self.done
+        return new
+
     def feed(self, text: str) -> None:
         """Append a text chunk (text mode only)."""
         if self.vocab is not None:

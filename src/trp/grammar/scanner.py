@@ -695,7 +695,8 @@ class Scanner:
         return True
 
     def _abandon(self, err: TRPParseError) -> bool:
-        self._diag(err.offset, "error", f"{err}; triplet dropped")
+        # Only what was expected: what was "found" depends on how much text had arrived.
+        self._diag(err.offset, "error", f"expected {err.expected}; triplet dropped")
         self.mode = BODY
         self.pos = min(err.offset, len(self.text))
         self._reset_triplet(self.pos)
