@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 
 from trp.data import (
     COLOR_NAMES,
+    COLORS,
     MAX_KEYPOINTS,
     NUM_KEYPOINTS,
     PROMPT_TYPES,
@@ -55,7 +56,8 @@ def test_samples_are_deterministic_and_order_independent():
     for x, y in zip(forward, backward):
         assert torch.equal(x["image"], y["image"])
         assert x["expression"] == y["expression"]
-        assert torch.equal(x["box"], y["box"]) and torch.equal(x["mask"], y["mask"])
+        assert torch.equal(x["box"], y["box"])
+        assert torch.equal(x["mask"], y["mask"])
     other = ShapesDataset(num_samples=20, seed=8, task="rec")
     assert sum(torch.equal(other[i]["image"], forward[i]["image"]) for i in range(20)) == 0
 
@@ -64,29 +66,39 @@ def test_samples_are_deterministic_and_order_independent():
 def test_sample_keys_shapes_and_types(task):
     ds = ShapesDataset(num_samples=8, seed=1, image_size=(64, 96), task=task)
     s = ds[3]
-    assert s["index"] == 3 and s["task"] == task
-    assert s["image"].shape == (3, 64, 96) and s["image"].dtype == torch.float32
-    assert 0.0 <= s["image"].min() and s["image"].max() <= 1.0
+    assert s["index"] == 3
+    assert s["task"] == task
+    assert s["image"].shape == (3, 64, 96)
+    assert s["image"].dtype == torch.float32
+    assert s["image"].min() >= 0.0
+    assert s["image"].max() <= 1.0
     if task in ("rec", "res", "caption"):
-        assert s["box"].shape == (4,) and s["mask"].shape == (64, 96)
-        assert s["mask"].dtype == torch.bool and s["label"] in range(len(SHAPE_CLASSES))
+        assert s["box"].shape == (4,)
+        assert s["mask"].shape == (64, 96)
+        assert s["mask"].dtype == torch.bool
+        assert s["label"] in range(len(SHAPE_CLASSES))
     if task in ("rec", "res"):
         assert isinstance(s["expression"], str)
         assert s["expression_kind"] in ("attribute", "position", "relation")
     if task == "caption":
-        assert s["prompt_type"] in PROMPT_TYPES and s["prompt_mask"].shape == (64, 96)
+        assert s["prompt_type"] in PROMPT_TYPES
+        assert s["prompt_mask"].shape == (64, 96)
         assert re.match(rf"a (small|medium|large) ({_COLOR}) ({_SHAPE})", s["caption"])
     if task in ("det", "keypoints"):
         n = s["boxes"].shape[0]
-        assert n >= 1 and s["masks"].shape == (n, 64, 96) and s["labels"].tolist() == [
+        assert n >= 1
+        assert s["masks"].shape == (n, 64, 96)
+        assert s["labels"].tolist() == [
             s["label"]] * n
         assert s["category"] == SHAPE_CLASSES[s["label"]]
     if task == "keypoints":
         assert s["keypoints"].shape == (s["boxes"].shape[0], MAX_KEYPOINTS, 3)
         k = NUM_KEYPOINTS[s["category"]]
-        assert (s["keypoints"][:, :k, 2] > 0).all() and (s["keypoints"][:, k:] == 0).all()
+        assert (s["keypoints"][:, :k, 2] > 0).all()
+        assert (s["keypoints"][:, k:] == 0).all()
     if task == "depth":
-        assert s["depth"].shape == (64, 96) and s["depth"].max() == 10.0
+        assert s["depth"].shape == (64, 96)
+        assert s["depth"].max() == 10.0
         assert s["depth"].min() >= 2.0
 
 
@@ -178,10 +190,13 @@ def _full_mask(name: str, angle: float) -> np.ndarray:
 
 def test_star_and_cross_are_non_convex():
     star, cross = _full_mask("star", 0.0), _full_mask("cross", 0.0)
-    assert star[64, 64] and star[64 - 28, 64]  # centre and just inside the 12 o'clock tip
+    assert star[64, 64]
+    assert star[64 - 28, 64]
     # Towards an inner vertex (36 degrees clockwise from up), 0.7 R out, is outside the star.
     assert not star[int(64 - 21 * math.cos(math.pi / 5)), int(64 + 21 * math.sin(math.pi / 5))]
-    assert cross[64, 64] and cross[64 - 28, 64] and cross[64, 64 + 28]
+    assert cross[64, 64]
+    assert cross[64 - 28, 64]
+    assert cross[64, 64 + 28]
     assert not cross[64 - 18, 64 + 18]  # between two arms
 
 
@@ -219,7 +234,9 @@ def test_keypoint_positions_and_visibility_from_occlusion():
 def test_depth_follows_layer_order():
     scene = _hand_scene()
     depth = scene.depth_map()
-    assert depth[0, 0] == 10.0 and depth[32, 32] == 6.0 and depth[32, 52] == 3.0
+    assert depth[0, 0] == 10.0
+    assert depth[32, 32] == 6.0
+    assert depth[32, 52] == 3.0
     rng = np.random.default_rng(0)
     for _ in range(20):
         s = sample_scene(rng)
@@ -230,6 +247,13 @@ def test_depth_follows_layer_order():
             assert np.all(d[s.label_map == i] == s.depths[i])
 
 
+def test_palette_leaves_room_for_colour_jitter():
+    values = np.array(list(COLORS.values()))
+    # Shapes are painted with palette +- 12 straight into uint8, without clipping.
+    assert values.min() >= 12
+    assert values.max() <= 243
+
+
 def test_scenes_respect_visibility_and_bounds():
     rng = np.random.default_rng(5)
     for _ in range(30):
@@ -237,7 +261,8 @@ def test_scenes_respect_visibility_and_bounds():
         assert 2 <= s.num_shapes <= 5
         assert np.all(s.visible_areas >= 0.5 * s.full_areas)
         assert np.array_equal(s.visible_areas, s.visible_masks().sum((1, 2)))
-        assert np.all(s.boxes[:, 2] <= 80) and np.all(s.boxes[:, 3] <= 96)
+        assert np.all(s.boxes[:, 2] <= 80)
+        assert np.all(s.boxes[:, 3] <= 96)
         assert s.image.shape == (96, 80, 3)
 
 
@@ -246,7 +271,9 @@ def test_visual_prompts_touch_their_object(kind):
     mask = np.zeros((64, 64), dtype=bool)
     mask[10:30, 20:50] = True
     prompt = visual_prompt(kind, mask, np.array([20, 10, 50, 30]), np.random.default_rng(0))
-    assert prompt.dtype == bool and prompt.any() and (prompt & mask).any()
+    assert prompt.dtype == bool
+    assert prompt.any()
+    assert (prompt & mask).any()
     if kind in ("box", "mask"):
         assert np.array_equal(prompt, mask)
     if kind == "point":
@@ -262,7 +289,8 @@ def test_dataloader_workers_match_sequential_loading():
     expected = collate([ds[i] for i in range(4, 8)])
     assert torch.equal(batches[1]["image"], expected["image"])
     assert all(torch.equal(a, b) for a, b in zip(batches[1]["boxes"], expected["boxes"]))
-    assert batches[1]["image"].shape == (4, 3, 48, 48) and isinstance(batches[1]["masks"], list)
+    assert batches[1]["image"].shape == (4, 3, 48, 48)
+    assert isinstance(batches[1]["masks"], list)
 
 
 def test_bad_arguments_raise():
