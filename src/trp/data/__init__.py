@@ -14,7 +14,14 @@ from trp.data.refcoco import (
     find_refcoco_files,
     polygon_to_mask,
 )
-from trp.data.referring import EXPRESSION_KINDS, Referent, SceneFacts, refer, resolve
+from trp.data.referring import (
+    EXPRESSION_KINDS,
+    Referent,
+    SceneFacts,
+    refer,
+    refer_any,
+    resolve,
+)
 from trp.data.scene import (
     COLOR_NAMES,
     COLORS,
@@ -50,6 +57,7 @@ __all__ = [
     "find_refcoco_files",
     "polygon_to_mask",
     "refer",
+    "refer_any",
     "resolve",
     "sample_scene",
     "visual_prompt",

@@ -179,6 +179,18 @@ def _proposals(
                         yield Referent(shape, c, relation=RELATIONS[rel], anchor=anchor)
 
 
+def _kind_order(rng: np.random.Generator, kind_weights: tuple[float, float, float]) -> list[str]:
+    """Expression kinds with non-zero weight, in a random weighted order."""
+    weights = np.asarray(kind_weights, dtype=np.float64)
+    if weights.shape != (3,) or np.any(weights < 0) or weights.sum() <= 0:
+        raise ValueError(f"kind_weights must be 3 non-negative numbers, got {kind_weights}")
+    # Weighted order without replacement via exponential race keys (u ** (1 / w), largest
+    # first): far cheaper than rng.choice(replace=False, p=...), same distribution.
+    with np.errstate(divide="ignore"):
+        keys = rng.random(3) ** (1.0 / weights)
+    return [EXPRESSION_KINDS[k] for k in np.argsort(-keys) if weights[k] > 0]
+
+
 def refer(
     facts: SceneFacts,
     target: int,
@@ -192,17 +204,29 @@ def refer(
     unambiguous proposal, the remaining kinds with non-zero weight are tried, in an order drawn
     the same way. Within a kind, proposals are tried in random order.
     """
-    weights = np.asarray(kind_weights, dtype=np.float64)
-    if weights.shape != (3,) or np.any(weights < 0) or weights.sum() <= 0:
-        raise ValueError(f"kind_weights must be 3 non-negative numbers, got {kind_weights}")
-    # Weighted order without replacement via exponential race keys (u ** (1 / w), largest
-    # first): far cheaper than rng.choice(replace=False, p=...), same distribution.
-    with np.errstate(divide="ignore"):
-        keys = rng.random(3) ** (1.0 / weights)
-    for k in np.argsort(-keys):
-        if weights[k] == 0:
-            break
-        for ref in _proposals(EXPRESSION_KINDS[k], facts, target, rng):
+    for kind in _kind_order(rng, kind_weights):
+        for ref in _proposals(kind, facts, target, rng):
             if is_unambiguous(ref, facts, target):
                 return ref
+    return None
+
+
+def refer_any(
+    facts: SceneFacts,
+    rng: np.random.Generator,
+    *,
+    kind_weights: tuple[float, float, float] = (0.5, 0.25, 0.25),
+) -> tuple[int, Referent] | None:
+    """A random object of the scene with an unambiguous expression: ``(target, referent)``.
+
+    The kind is drawn first (as in :func:`refer`) and the target second, among all objects in
+    random order, so a kind that only some objects admit (positions need two objects of the
+    same shape) keeps close to its weight. ``None`` when no object has any expression.
+    """
+    targets = rng.permutation(len(facts.shapes)).tolist()
+    for kind in _kind_order(rng, kind_weights):
+        for target in targets:
+            for ref in _proposals(kind, facts, target, rng):
+                if is_unambiguous(ref, facts, target):
+                    return target, ref
     return None

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from trp.data.prompts import PROMPT_TYPES, visual_prompt
-from trp.data.referring import SceneFacts, refer
+from trp.data.referring import Referent, SceneFacts, refer_any
 from trp.data.scene import SHAPE_CLASSES, Scene, sample_scene
 
 TASKS: tuple[str, ...] = ("rec", "res", "caption", "det", "keypoints", "depth")
@@ -103,25 +103,32 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
         return np.random.default_rng((self.seed, index))
 
-    def _scene(self, rng: np.random.Generator) -> Scene:
-        return sample_scene(rng, height=self.height, width=self.width,
-                            min_shapes=self.min_shapes, max_shapes=self.max_shapes)
+    def _draw(self, rng: np.random.Generator) -> tuple[Scene, int | None, Referent | None]:
+        """The scene and, for ``rec``/``res``, the target and its expression."""
+        while True:
+            scene = sample_scene(rng, height=self.height, width=self.width,
+                                 min_shapes=self.min_shapes, max_shapes=self.max_shapes)
+            if self.task not in ("rec", "res"):
+                return scene, None, None
+            found = refer_any(SceneFacts.from_scene(scene), rng, kind_weights=self.kind_weights)
+            # A scene can (rarely) hold no object with an unambiguous expression: redraw.
+            if found is not None:
+                return scene, *found
 
     def scene(self, index: int) -> Scene:
         """The full :class:`~trp.data.scene.Scene` behind sample ``index``."""
-        return self._scene(self._rng(index))
+        return self._draw(self._rng(index))[0]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = self._rng(index)
-        scene = self._scene(rng)
+        scene, target, ref = self._draw(rng)
         sample: dict[str, Any] = {"index": index, "task": self.task}
+        if ref is not None:
+            sample["expression"] = ref.text()
+            sample["expression_kind"] = ref.kind
         if self.task in ("rec", "res", "caption"):
-            if self.task == "caption":
+            if target is None:  # caption: any object can be prompted
                 target = int(rng.integers(scene.num_shapes))
-            else:
-                # A scene can (rarely) hold no object with an unambiguous expression: redraw.
-                while (target := self._referring(scene, rng, sample)) is None:
-                    scene = self._scene(rng)
             mask = scene.label_map == target
             sample["box"] = torch.from_numpy(scene.boxes[target].copy())
             sample["mask"] = torch.from_numpy(mask)
@@ -147,17 +154,6 @@ class ShapesDataset(Dataset):
             sample["depth"] = torch.from_numpy(scene.depth_map())
         sample["image"] = _image_tensor(scene.image)
         return sample
-
-    def _referring(self, scene: Scene, rng: np.random.Generator, sample: dict) -> int | None:
-        """Pick a target with an unambiguous expression; fill ``sample``; return the target."""
-        facts = SceneFacts.from_scene(scene)
-        for target in rng.permutation(scene.num_shapes):
-            ref = refer(facts, int(target), rng, kind_weights=self.kind_weights)
-            if ref is not None:
-                sample["expression"] = ref.text()
-                sample["expression_kind"] = ref.kind
-                return int(target)
-        return None
 
     def _caption(self, scene: Scene, target: int) -> str:
         text = (f"a {_size_word(float(scene.radii[target]), min(self.height, self.width))} "

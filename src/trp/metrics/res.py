@@ -53,7 +53,10 @@ def _sums(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def _finish(sums: Tensor, count: Tensor) -> Tensor:
-    """``[cIoU, gIoU]`` from the sums; cIoU is 1 when every union was empty."""
+    """``[cIoU, gIoU]`` from the sums; cIoU is 1 when every union was empty, both are NaN
+    when no sample was seen."""
+    if count == 0:
+        return torch.full((2,), float("nan"), dtype=torch.float64, device=sums.device)
     ciou = torch.where(sums[1] > 0, sums[0] / sums[1].clamp(min=1), torch.ones_like(sums[0]))
     return torch.stack([ciou, sums[2] / count])
 
@@ -75,7 +78,7 @@ class RESMetric(Metric):
     """Stateful cIoU / gIoU (sums reduced across processes, so DDP-safe).
 
     ``update(pred_masks [N, H, W], target_masks [N, H, W])`` (H, W may change between calls);
-    ``compute()`` returns ``{"cIoU", "gIoU"}`` float64 scalars, gIoU NaN when no sample was seen.
+    ``compute()`` returns ``{"cIoU", "gIoU"}`` float64 scalars, both NaN when no sample was seen.
     """
 
     is_differentiable = False
