@@ -1,1 +1,36 @@
-"""trp.vrt"""
+"""trp.vrt: visual reference tokens (VRTs) bound per image.
+
+Every merged image patch becomes a token the LM can read and emit: :class:`ImageBinding` maps
+patches to images and samples, :class:`VRTPrototypes` turns patch features into token
+embeddings, :class:`VRTEmbedding` / :class:`VRTHead` extend the input embedding and the LM head
+per sample, and :mod:`trp.vrt.targets` picks target patches from masks and boxes. See
+``docs/vrt.md``.
+"""
+
+from trp.vrt.binding import ImageBinding
+from trp.vrt.embedding import VRTEmbedding
+from trp.vrt.head import VRTHead
+from trp.vrt.prototypes import VRTPrototypes
+from trp.vrt.targets import (
+    SamplingMode,
+    box_coverage,
+    mask_coverage,
+    rasterize_box,
+    robust_exclusions,
+    sample_target_patches,
+    target_patches,
+)
+
+__all__ = [
+    "ImageBinding",
+    "SamplingMode",
+    "VRTEmbedding",
+    "VRTHead",
+    "VRTPrototypes",
+    "box_coverage",
+    "mask_coverage",
+    "rasterize_box",
+    "robust_exclusions",
+    "sample_target_patches",
+    "target_patches",
+]
