@@ -20,10 +20,17 @@ def corpus(n: int = 300, seed: int = 0) -> list[str]:
     for i in range(n):
         words = rng.sample(WORDS, 3)
         patches = [[rng.randrange(64)] for _ in range(2)] if i % 2 else None
-        out.append(format_detection([(words[0], 1), (words[1], 2)], patches=patches,
-                                    task_block=i % 3 == 0).text)
+        out.append(
+            format_detection(
+                [(words[0], 1), (words[1], 2)], patches=patches, task_block=i % 3 == 0
+            ).text
+        )
         out.append(format_rec(" ".join(words), unit=rng.choice(["box", "mask"])).text)
-        out.append(format_grounded_caption(f"A {words[0]} near {words[1]}.", [(2, 2 + len(words[0]), [0])]).text)
+        out.append(
+            format_grounded_caption(
+                f"A {words[0]} near {words[1]}.", [(2, 2 + len(words[0]), [0])]
+            ).text
+        )
         out.append(f"What is the {words[2]} in [VPT]? It is {rng.randrange(100)} [3]<REF>.")
     return out
 
@@ -35,7 +42,8 @@ def train_tokenizer(kind: str = "bpe") -> Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=400, special_tokens=specials,
+            vocab_size=400,
+            special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
     else:
@@ -54,7 +62,9 @@ def train_tokenizer(kind: str = "bpe") -> Tokenizer:
 def offline_tokenizer(kind: str = "bpe") -> PreTrainedTokenizerFast:
     """A ``PreTrainedTokenizerFast`` over a freshly trained model, with the TRP tokens."""
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=train_tokenizer(kind), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=train_tokenizer(kind),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         unk_token="<unk>" if kind != "bpe" else None,
     )
     add_trp_tokens(tok)

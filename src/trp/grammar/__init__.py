@@ -54,7 +54,7 @@ from trp.grammar.tokens import (
     render_vrt,
     vrt_token,
 )
-from trp.grammar.types import Diagnostic, ParseResult, TaskBlock, TaskEntry, Target, Triplet
+from trp.grammar.types import Diagnostic, ParseResult, Target, TaskBlock, TaskEntry, Triplet
 from trp.grammar.units import DEFAULT_UNITS, register_unit, registered_units, unregister_unit
 
 __all__ = [

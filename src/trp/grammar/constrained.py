@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -12,9 +13,12 @@ from trp.grammar.errors import TRPParseError
 from trp.grammar.incremental import IncrementalParser
 from trp.grammar.scanner import TARGETS, Scanner
 from trp.grammar.tokenizer import TokenVocab, encode_text
+from trp.grammar.tokens import GRAMMAR_TAGS, VPT
 from trp.grammar.units import resolve_units
 
 __all__ = ["TRPLogitsProcessor"]
+
+_GRAMMAR_TAG = re.compile(r"<(?:/?(?:Task|Phrase|Unit)>|REF>)")
 
 
 class _Allowed:
@@ -22,10 +26,16 @@ class _Allowed:
 
     __slots__ = ("accepting", "text_next", "text_ok", "vrt_next", "vrt_ok")
 
-    def __init__(self, text_ok: torch.Tensor, text_next: torch.Tensor, vrt_ok: bool,
-                 vrt_next: int, accepting: bool) -> None:
-        self.text_ok = text_ok        # Tensor[V_text] bool: feeding the token keeps a valid prefix
-        self.text_next = text_next    # Tensor[V_text] long: tokens needed to finish afterwards
+    def __init__(
+        self,
+        text_ok: torch.Tensor,
+        text_next: torch.Tensor,
+        vrt_ok: bool,
+        vrt_next: int,
+        accepting: bool,
+    ) -> None:
+        self.text_ok = text_ok  # Tensor[V_text] bool: feeding the token keeps a valid prefix
+        self.text_next = text_next  # Tensor[V_text] long: tokens needed to finish afterwards
         self.vrt_ok = vrt_ok
         self.vrt_next = vrt_next
         self.accepting = accepting
@@ -81,22 +91,29 @@ class TRPLogitsProcessor(LogitsProcessor):
             vrt_mask = vrt_mask.bool().cpu()
         self.vrt_mask = vrt_mask
         self.units = resolve_units(units)
-        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+        if max_new_tokens is not None and (
+            not isinstance(max_new_tokens, int) or max_new_tokens < 1
+        ):
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         self.max_new_tokens = max_new_tokens
         if not (allow_ref or allow_vrt):
             raise ValueError("at least one of allow_ref / allow_vrt must be True")
         if not allow_ref and (vrt_mask is None or not bool(vrt_mask.any(dim=1).all())):
-            raise ValueError("with allow_ref=False every sample needs at least one patch in vrt_mask")
+            raise ValueError(
+                "with allow_ref=False every sample needs at least one patch in vrt_mask"
+            )
         self.allow_ref = allow_ref
         self.allow_vrt = allow_vrt
         n = len(self.vocab.pieces)
-        ignore = set(self.eos) | {i for i in range(n) if not self.vocab.pieces[i]}
-        # Empty pieces make no progress (they would let a row idle forever): never allowed.
+        vpt = [i for i in range(n) if self.vocab.pieces[i] == VPT]
+        ignore = set(self.eos) | set(vpt) | {i for i in range(n) if not self.vocab.pieces[i]}
+        # Empty pieces make no progress (they would let a row idle forever) and [VPT] is an
+        # input-side placeholder: never allowed.
         self._scan_ids = [i for i in range(n) if i not in ignore]
         self._scan_index = torch.tensor(self._scan_ids, dtype=torch.long)
+        self._tag_ids = {i for i in range(n) if self.vocab.pieces[i] in GRAMMAR_TAGS}
         self._cache: dict[tuple[object, ...], _Allowed] = {}
-        self._comp_len: dict[tuple[object, ...], int] = {}
+        self._comp: dict[tuple[object, ...], str] = {}
         self._encoded: dict[str, list[int]] = {}
         self._prompt_len: int | None = None
         self._rows: dict[tuple[int, ...], tuple[IncrementalParser, list[int]]] = {}
@@ -109,26 +126,38 @@ class TRPLogitsProcessor(LogitsProcessor):
             self._encoded[text] = ids
         return ids
 
-    def _completion_len(self, scanner: Scanner) -> int:
+    def _completion(self, scanner: Scanner) -> str:
         key = (scanner.allow_vrt, *scanner.state_key())
-        n = self._comp_len.get(key)
-        if n is None:
-            n = len(self._encode(scanner.completion(0)))
-            self._comp_len[key] = n
-        return n
+        comp = self._comp.get(key)
+        if comp is None:
+            comp = self._comp[key] = scanner.completion(0)
+        return comp
 
-    def _probe(self, scanner: Scanner, piece: str) -> int:
+    def _probe(self, scanner: Scanner, piece: str, *, ordinary: bool) -> int:
         """Tokens needed to finish after ``piece`` (-1 when ``piece`` is not allowed)."""
+        if ordinary and _GRAMMAR_TAG.search(scanner.text[scanner.pos :] + piece):
+            # Tags are emitted as their own tokens, never spelled out of text pieces, so every
+            # target has exactly one token to read a query from.
+            return -1
         cp = scanner.checkpoint()
         try:
             scanner.feed(piece)
-            if scanner.mode == TARGETS and "<" in scanner.text[scanner.pos:]:
-                # Spelling a VRT or tag out of ordinary tokens inside a target list is refused,
-                # so a pending target is always a prefix of a literal the completion can finish.
-                pend = scanner.text[scanner.pos:]
-                if not any(c.startswith(pend) for c in scanner.target_choices()[0]):
+            pend = scanner.text[scanner.pos :]
+            # Spelling a VRT out of ordinary tokens inside a target list is refused too, so a
+            # pending target is always a prefix of a literal the completion can finish.
+            if (
+                scanner.mode == TARGETS
+                and "<" in pend
+                and not any(c.startswith(pend) for c in scanner.target_choices()[0])
+            ):
+                return -1
+            comp = self._completion(scanner)
+            if ordinary and "<" in pend:
+                # Nor may a text piece start a tag that only text pieces could finish.
+                m = _GRAMMAR_TAG.search(pend + comp)
+                if m is not None and m.start() < len(pend):
                     return -1
-            return self._completion_len(scanner)
+            return len(self._encode(comp))
         except TRPParseError:
             return -1
         finally:
@@ -139,12 +168,15 @@ class TRPLogitsProcessor(LogitsProcessor):
         entry = self._cache.get(key)
         if entry is None:
             pieces = self.vocab.pieces
-            nxt = torch.tensor([self._probe(scanner, pieces[i]) for i in self._scan_ids],
-                               dtype=torch.long)
+            tags = self._tag_ids
+            nxt = torch.tensor(
+                [self._probe(scanner, pieces[i], ordinary=i not in tags) for i in self._scan_ids],
+                dtype=torch.long,
+            )
             vrt_next = -1
             if scanner.allow_vrt:
                 fresh = max(scanner.run_ids, default=-1) + 1
-                vrt_next = self._probe(scanner, f"<|VRT_{fresh}|>")
+                vrt_next = self._probe(scanner, f"<|VRT_{fresh}|>", ordinary=False)
             entry = _Allowed(nxt >= 0, nxt, vrt_next >= 0, vrt_next, scanner.accepting)
             self._cache[key] = entry
         return entry
@@ -152,8 +184,13 @@ class TRPLogitsProcessor(LogitsProcessor):
     # ------------------------------------------------------------------ rows
     def _new_parser(self, sample: int) -> IncrementalParser:
         has_vrt = self.allow_vrt and self.vrt_mask is not None and bool(self.vrt_mask[sample].any())
-        return IncrementalParser(strict=True, units=self.units, vocab=self.vocab,
-                                 allow_ref=self.allow_ref, allow_vrt=has_vrt)
+        return IncrementalParser(
+            strict=True,
+            units=self.units,
+            vocab=self.vocab,
+            allow_ref=self.allow_ref,
+            allow_vrt=has_vrt,
+        )
 
     def _fill(self, sample: int) -> int:
         if self.vrt_mask is None or not bool(self.vrt_mask[sample].any()):
@@ -201,7 +238,7 @@ class TRPLogitsProcessor(LogitsProcessor):
         if self.max_new_tokens is not None:
             budget = self.max_new_tokens - (length - self._prompt_len)
         eos = set(self.eos)
-        generated = input_ids[:, self._prompt_len:].tolist()
+        generated = input_ids[:, self._prompt_len :].tolist()
         rows_now: dict[tuple[int, ...], tuple[IncrementalParser, list[int]]] = {}
         allowed = torch.zeros(rows, vocab_size, dtype=torch.bool)
         for r, gen in enumerate(generated):
@@ -223,8 +260,9 @@ class TRPLogitsProcessor(LogitsProcessor):
         self._rows = rows_now
         return scores.masked_fill(~allowed.to(scores.device), float("-inf"))
 
-    def _allow_row(self, row: torch.Tensor, parser: IncrementalParser, sample: int,
-                   budget: int | None) -> None:
+    def _allow_row(
+        self, row: torch.Tensor, parser: IncrementalParser, sample: int, budget: int | None
+    ) -> None:
         scanner = parser.scanner
         entry = self._allowed(scanner)
         ok = entry.text_ok
@@ -236,6 +274,6 @@ class TRPLogitsProcessor(LogitsProcessor):
             assert self.vrt_mask is not None
             patches = self.vrt_mask[sample].clone()
             patches[[k for k in scanner.run_ids if k < patches.numel()]] = False
-            row[base:base + patches.numel()] = patches
+            row[base : base + patches.numel()] = patches
         if entry.accepting:
             row[self.eos] = True

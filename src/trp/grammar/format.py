@@ -19,7 +19,7 @@ from trp.grammar.tokens import (
     VPT,
     check_free_text,
 )
-from trp.grammar.types import TaskBlock, Target, Triplet
+from trp.grammar.types import Target, TaskBlock, Triplet
 from trp.grammar.units import resolve_units
 
 __all__ = [
@@ -67,7 +67,9 @@ def format_triplet(triplet: Triplet, *, units: Iterable[str] | None = None) -> s
     for j, t in enumerate(triplet.targets):
         if t.slot is not None:
             if t.slot != j:
-                raise ValueError(f"target {j} of {triplet.concept!r} has slot {t.slot}, expected {j}")
+                raise ValueError(
+                    f"target {j} of {triplet.concept!r} has slot {t.slot}, expected {j}"
+                )
             parts.append(f"[{j}]{REF}")
             prev_vrt = False
         else:
@@ -123,7 +125,9 @@ def format_answer(
             texts = [""]
     texts = list(texts)
     if len(texts) != len(triplets) + 1:
-        raise ValueError(f"need {len(triplets) + 1} texts for {len(triplets)} triplets, got {len(texts)}")
+        raise ValueError(
+            f"need {len(triplets) + 1} texts for {len(triplets)} triplets, got {len(texts)}"
+        )
     for s in texts:
         check_free_text(s, "free text", forbid=(VPT,))
     out = [texts[0]]
@@ -159,8 +163,12 @@ def _targets(n: int, patches: Sequence[Sequence[int]] | None) -> tuple[Target, .
     return tuple(Target(patches=tuple(int(k) for k in run)) for run in patches)
 
 
-def _answer(groups: list[tuple[str, list[Any], Any]], unit: str, task_block: bool,
-            texts: Sequence[str] | None = None) -> FormattedAnswer:
+def _answer(
+    groups: list[tuple[str, list[Any], Any]],
+    unit: str,
+    task_block: bool,
+    texts: Sequence[str] | None = None,
+) -> FormattedAnswer:
     triplets = tuple(Triplet(c, unit, _targets(len(p), runs)) for c, p, runs in groups)
     text = format_answer(triplets, texts=texts, task_block=task_block)
     return FormattedAnswer(text, triplets, tuple(tuple(p) for _, p, _ in groups))
@@ -187,8 +195,9 @@ def format_res(
     task_block: bool = False,
 ) -> FormattedAnswer:
     """RES: REC with the ``mask`` unit."""
-    return format_rec(expression, payload=payload, patches=patches, unit="mask",
-                      task_block=task_block)
+    return format_rec(
+        expression, payload=payload, patches=patches, unit="mask", task_block=task_block
+    )
 
 
 def format_vqa(answer: str, *, task_block: bool = False) -> FormattedAnswer:
@@ -245,8 +254,9 @@ def format_segmentation(
     empty: str = "None.",
 ) -> FormattedAnswer:
     """Instance segmentation: detection with the ``mask`` unit."""
-    return format_detection(instances, unit="mask", patches=patches, task_block=task_block,
-                            empty=empty)
+    return format_detection(
+        instances, unit="mask", patches=patches, task_block=task_block, empty=empty
+    )
 
 
 def format_keypoints(
@@ -261,8 +271,9 @@ def format_keypoints(
     for i, (_, payload) in enumerate(instances):
         if not isinstance(payload, Mapping) or "keypoints" not in payload:
             raise ValueError(f"instance {i}: payload must be a mapping with 'keypoints'")
-    return format_detection(instances, unit="box", patches=patches, task_block=task_block,
-                            empty=empty)
+    return format_detection(
+        instances, unit="box", patches=patches, task_block=task_block, empty=empty
+    )
 
 
 def format_depth(
@@ -273,8 +284,7 @@ def format_depth(
     task_block: bool = False,
 ) -> FormattedAnswer:
     """Depth: ``<Phrase>depth map</Phrase>(<Unit>depth</Unit>[0]<REF>).``."""
-    return format_rec(phrase, payload=payload, patches=patches, unit="depth",
-                      task_block=task_block)
+    return format_rec(phrase, payload=payload, patches=patches, unit="depth", task_block=task_block)
 
 
 def format_grounded_caption(
@@ -338,7 +348,9 @@ class VisualPrompt:
         if self.kind == "box":
             x0, y0, x1, y1 = (float(v) for v in self.data)
             if x1 < x0 or y1 < y0:
-                raise ValueError(f"box must be (x0, y0, x1, y1) with x0 <= x1, y0 <= y1: {self.data}")
+                raise ValueError(
+                    f"box must be (x0, y0, x1, y1) with x0 <= x1, y0 <= y1: {self.data}"
+                )
             return (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
         pts = [self.data] if self.kind == "point" else list(self.data)
         if not pts:
@@ -348,8 +360,10 @@ class VisualPrompt:
         dense = [pts[0]]
         for (ax, ay), (bx, by) in zip(pts, pts[1:]):
             steps = max(1, int(max(abs(bx - ax), abs(by - ay)) / max(radius, 1)) + 1)
-            dense += [(ax + (bx - ax) * s / steps, ay + (by - ay) * s / steps)
-                      for s in range(1, steps + 1)]
+            dense += [
+                (ax + (bx - ax) * s / steps, ay + (by - ay) * s / steps)
+                for s in range(1, steps + 1)
+            ]
         for x, y in dense:
             mask |= (xs - float(x)) ** 2 + (ys - float(y)) ** 2 <= radius**2
         return mask

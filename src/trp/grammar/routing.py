@@ -48,12 +48,14 @@ class UnitQueries:
         """
         if hidden.dim() != 3:
             raise ValueError(f"hidden must be [B, L, C], got shape {tuple(hidden.shape)}")
-        if len(self) and (int(self.sample.max()) >= hidden.shape[0]
-                          or int(self.positions.max()) >= hidden.shape[1]):
+        if len(self) and (
+            int(self.sample.max()) >= hidden.shape[0]
+            or int(self.positions.max()) >= hidden.shape[1]
+        ):
             raise ValueError("queries point outside hidden (wrong batch or sequence length)")
-        valid = self.positions >= 0                                  # Q x K
+        valid = self.positions >= 0  # Q x K
         pos = self.positions.clamp(min=0).to(hidden.device)
-        feats = hidden[self.sample.to(hidden.device)[:, None], pos]   # Q x K x C
+        feats = hidden[self.sample.to(hidden.device)[:, None], pos]  # Q x K x C
         return feats * valid.to(hidden.device)[..., None].to(hidden.dtype), valid
 
 
@@ -71,8 +73,9 @@ def route_targets(
             empty. A target whose unit is not among them raises ``ValueError``.
     """
     names = resolve_units(units)
-    cols: dict[str, tuple[list[int], list[int], list[int], list[tuple[int, ...]], list[bool],
-                          list[str]]] = {u: ([], [], [], [], [], []) for u in names}
+    cols: dict[
+        str, tuple[list[int], list[int], list[int], list[tuple[int, ...]], list[bool], list[str]]
+    ] = {u: ([], [], [], [], [], []) for u in names}
     for b, sample in enumerate(results):
         answers = (sample,) if isinstance(sample, ParseResult) else tuple(sample)
         t_index = 0

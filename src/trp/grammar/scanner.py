@@ -27,7 +27,7 @@ from trp.grammar.tokens import (
     VRT_PATTERN,
     VRT_PREFIX,
 )
-from trp.grammar.types import Diagnostic, ParseResult, TaskBlock, TaskEntry, Target, Triplet
+from trp.grammar.types import Diagnostic, ParseResult, Target, TaskBlock, TaskEntry, Triplet
 
 # Modes of the machine.
 BODY, PHRASE, PHRASE_PLAN, OPEN_UNIT, UNIT, TARGETS, LEGACY = range(7)
@@ -49,7 +49,14 @@ LOOKAHEAD = 48
 
 _TAG = re.compile(r"<(?:/?(?:Task|Phrase|Unit)>|REF>|\|VRT_(\d+)\|>)")
 _ANGLE_PREFIXES = (
-    "<Task>", "</Task>", "<Phrase>", "</Phrase>", "<Unit>", "</Unit>", "<REF>", VRT_PREFIX,
+    "<Task>",
+    "</Task>",
+    "<Phrase>",
+    "</Phrase>",
+    "<Unit>",
+    "</Unit>",
+    "<REF>",
+    VRT_PREFIX,
 )
 _VRT_PARTIAL = re.compile(r"<\|VRT_\d*\|?")
 _VRT_BROKEN = re.compile(r"<\|VRT_(?:\d+\|?)?")
@@ -78,13 +85,40 @@ _WAIT = object()
 # rollback, so saving (list, length) pairs is enough; list fields that get rebound are also in
 # _SCALARS so the binding comes back too.
 _SCALARS = (
-    "text", "pos", "mode", "span_start", "t_start", "c_start", "concept", "unit", "after_sep",
-    "g_count", "plan", "plan_index", "task_decode", "task_seen", "line_start", "name_start",
-    "e_name", "e_unit", "targets", "t_offsets", "run_ids", "run_offs",
+    "text",
+    "pos",
+    "mode",
+    "span_start",
+    "t_start",
+    "c_start",
+    "concept",
+    "unit",
+    "after_sep",
+    "g_count",
+    "plan",
+    "plan_index",
+    "task_decode",
+    "task_seen",
+    "line_start",
+    "name_start",
+    "e_name",
+    "e_unit",
+    "targets",
+    "t_offsets",
+    "run_ids",
+    "run_offs",
 )
 _LISTS = (
-    "triplets", "spans", "offsets", "texts", "diagnostics", "entries", "targets", "t_offsets",
-    "run_ids", "run_offs",
+    "triplets",
+    "spans",
+    "offsets",
+    "texts",
+    "diagnostics",
+    "entries",
+    "targets",
+    "t_offsets",
+    "run_ids",
+    "run_offs",
 )
 
 
@@ -200,11 +234,14 @@ class Scanner:
         """Everything the acceptance of further text depends on (for caching allowed sets)."""
         mode = self.mode
         n = len(self.text)
-        plan = None if self.plan is None else self.plan[self.plan_index:]
+        plan = None if self.plan is None else self.plan[self.plan_index :]
         if mode in TASK_MODES:
             extra: tuple[object, ...] = (
-                tuple(self.entries), self.task_decode, self.text[self.name_start:self.pos],
-                self.e_name, self.e_unit,
+                tuple(self.entries),
+                self.task_decode,
+                self.text[self.name_start : self.pos],
+                self.e_name,
+                self.e_unit,
             )
         elif mode == PHRASE:
             extra = (n > self.c_start,)
@@ -212,7 +249,7 @@ class Scanner:
             extra = (len(self.targets), self.after_sep, bool(self.run_ids))
         else:
             extra = (n == 0,)
-        return (mode, self.text[self.pos:], plan, *extra)
+        return (mode, self.text[self.pos :], plan, *extra)
 
     # ---------------------------------------------------------------- driving
     def feed(self, chunk: str) -> None:
@@ -267,7 +304,7 @@ class Scanner:
     # ---------------------------------------------------------------- helpers
     def _err(self, offset: int, expected: str) -> TRPParseError:
         text = self.text
-        found = "end of input" if offset >= len(text) else repr(text[offset:offset + 16])
+        found = "end of input" if offset >= len(text) else repr(text[offset : offset + 16])
         return TRPParseError(offset, expected, found)
 
     def _diag(self, offset: int, kind: str, message: str) -> None:
@@ -279,7 +316,11 @@ class Scanner:
         m = _TAG.match(text, i)
         if m is not None:
             k = m.group(1)
-            return (VRT_PREFIX if k is not None else m.group(0), m.end(), -1 if k is None else int(k))
+            return (
+                VRT_PREFIX if k is not None else m.group(0),
+                m.end(),
+                -1 if k is None else int(k),
+            )
         if final:
             return None
         if text.startswith(VRT_PREFIX, i):
@@ -392,7 +433,7 @@ class Scanner:
                 raise self._err(i, "phrase text or '</Phrase>'")
             if i == self.c_start:
                 raise self._err(i, "phrase text")
-            self.concept = text[self.c_start:i]
+            self.concept = text[self.c_start : i]
             self.pos = end
             self.mode = OPEN_UNIT
             return True
@@ -426,7 +467,7 @@ class Scanner:
         return True
 
     def target_choices(self) -> tuple[tuple[str, ...], bool]:
-        """Literal choices in TARGETS (preferred first for completion) and whether a VRT may come."""
+        """Literal choices in TARGETS (preferred first) and whether a VRT may come next."""
         count = len(self.targets) + (1 if self.run_ids else 0)
         entry = self._plan_entry()
         more = entry is None or count < entry.num
@@ -489,7 +530,8 @@ class Scanner:
             return True
         if not final and (
             len(text) - p < LOOKAHEAD
-            or text.startswith(VRT_PREFIX, p) and _VRT_PARTIAL.fullmatch(text, p)
+            or text.startswith(VRT_PREFIX, p)
+            and _VRT_PARTIAL.fullmatch(text, p)
         ):
             return False
         if self.run_ids:
@@ -501,7 +543,9 @@ class Scanner:
         announced = self.g_count
         self._finish_triplet(p)
         if announced is not None and announced != len(self.triplets[-1].targets):
-            self._diag(p, "error", f"{announced} objects announced, {len(self.triplets[-1].targets)} given")
+            self._diag(
+                p, "error", f"{announced} objects announced, {len(self.triplets[-1].targets)} given"
+            )
         return True
 
     def _task_head(self, final: bool) -> bool:
@@ -553,7 +597,7 @@ class Scanner:
                 if text.startswith(ENTRY_UNIT, i):
                     if i == self.name_start:
                         raise self._err(i, "a class name")
-                    self.e_name = text[self.name_start:i]
+                    self.e_name = text[self.name_start : i]
                     self.pos = i + len(ENTRY_UNIT)
                     self.mode = TASK_UNIT
                     return True
@@ -681,7 +725,7 @@ class Scanner:
         text, i = self.text, err.offset
         m = _TAG.match(text, i)
         if m is not None and m.group(1) is not None:
-            concept, count = _legacy_concept(text[self.span_start:i])
+            concept, count = _legacy_concept(text[self.span_start : i])
             self._reset_triplet(i)
             self.concept = concept
             self.unit = self.legacy_unit
@@ -690,7 +734,7 @@ class Scanner:
             self.pos = i
             self._diag(i, "legacy", "VRT run outside a triplet (PaDT form)")
             return True
-        self._diag(i, "error", f"stray {m.group(0) if m else text[i:i + 8]!r} kept as text")
+        self._diag(i, "error", f"stray {m.group(0) if m else text[i : i + 8]!r} kept as text")
         self.pos = m.end() if m is not None else i + 1
         return True
 
@@ -767,8 +811,11 @@ class Scanner:
             m = rx.match(text, p)
             if m is not None:
                 self._add_ref(int(m.group(1)), m.start() if ref_at == 0 else m.end() - 5, m.end())
-                self._diag(p, "legacy" if legacy else "error",
-                           "'<REF>[i]' order" if legacy else f"slot [{m.group(1)}] out of order")
+                self._diag(
+                    p,
+                    "legacy" if legacy else "error",
+                    "'<REF>[i]' order" if legacy else f"slot [{m.group(1)}] out of order",
+                )
                 return True
         m = _R_BARE_REF.match(text, p)
         if m is not None:
@@ -788,13 +835,13 @@ class Scanner:
     def completion_step(self, vrt_fill: int) -> str | None:
         """Text that moves a strict scanner towards acceptance (None when accepting)."""
         mode = self.mode
-        pend = self.text[self.pos:]
+        pend = self.text[self.pos :]
         if mode == BODY:
             return PHRASE_OPEN if not self.accepting else None
         if mode == PHRASE:
-            if len(self.text) == self.c_start:
-                return "x" + PHRASE_CLOSE
-            return _rest(PHRASE_CLOSE, pend)
+            # The whole tag even after a partial one: that stays phrase text, and the tag is
+            # then one token rather than the tail of a spelled-out one.
+            return PHRASE_CLOSE if len(self.text) > self.c_start else "x" + PHRASE_CLOSE
         if mode == TASK_NAME:
             if len(self.text) == self.name_start:
                 return "x" + ENTRY_UNIT
@@ -805,7 +852,7 @@ class Scanner:
             choices, can_vrt = self.target_choices()
             for c in choices:
                 if c.startswith(pend):
-                    return c[len(pend):]
+                    return c[len(pend) :]
             if can_vrt and not self.run_ids:
                 return f"<|VRT_{vrt_fill}|>"
             raise RuntimeError(f"no completion from {self.state_key()!r}")
@@ -820,7 +867,7 @@ class Scanner:
         }[mode]()
         for c in choices:
             if c.startswith(pend):
-                return c[len(pend):]
+                return c[len(pend) :]
         raise RuntimeError(f"no completion from {self.state_key()!r}")
 
     def completion(self, vrt_fill: int = 0) -> str:
@@ -840,7 +887,7 @@ class Scanner:
 
 
 def _rest(lit: str, pend: str) -> str:
-    return lit[len(pend):] if pend and lit.startswith(pend) else lit
+    return lit[len(pend) :] if pend and lit.startswith(pend) else lit
 
 
 _HANDLERS = {

@@ -55,8 +55,10 @@ def add_trp_tokens(tokenizer: Any, *, extra: Sequence[str] = ()) -> int:
         return 0
     return int(
         tokenizer.add_tokens(
-            [AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False)
-             for t in wanted]
+            [
+                AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False)
+                for t in wanted
+            ]
         )
     )
 
@@ -106,8 +108,11 @@ def resize_embeddings(model: Any, tokenizer: Any, *, pad_to_multiple_of: int | N
 
 def _byte_decoder() -> dict[str, int]:
     # GPT-2's reversible byte <-> printable-unicode table, used by every byte-level BPE.
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-          *range(ord("®"), ord("ÿ") + 1)]
+    bs = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -139,7 +144,9 @@ class TokenVocab:
         if any(not p.isascii() and max(map(ord, p)) > 255 for p in pieces):
             raise ValueError("pieces must be latin-1 strings (one character per byte)")
         if isinstance(vrt_base, bool) or not isinstance(vrt_base, int) or vrt_base < len(pieces):
-            raise ValueError(f"vrt_base must be an int >= len(pieces)={len(pieces)}, got {vrt_base!r}")
+            raise ValueError(
+                f"vrt_base must be an int >= len(pieces)={len(pieces)}, got {vrt_base!r}"
+            )
         self.pieces = pieces
         self.vrt_base = vrt_base
         self._vrt: list[str] = []
@@ -164,7 +171,8 @@ class TokenVocab:
         base = n if vrt_base is None else vrt_base
         if ignore_ids is None:
             ignore_ids = [
-                i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+                i
+                for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
                 if i is not None
             ]
         ignore = {int(i) for i in ignore_ids}
@@ -182,16 +190,18 @@ class TokenVocab:
                     pieces.append(bytes(table[c] for c in tok).decode("latin-1"))
         else:
             anchor = next(i for i in range(n) if i not in added)
-            head = tokenizer.decode([anchor], skip_special_tokens=False,
-                                    clean_up_tokenization_spaces=False)
+            head = tokenizer.decode(
+                [anchor], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
             pieces = []
             for i in range(n):
                 if i in added:
                     pieces.append(added[i].encode("utf-8").decode("latin-1"))
                     continue
-                both = tokenizer.decode([anchor, i], skip_special_tokens=False,
-                                        clean_up_tokenization_spaces=False)
-                pieces.append(both[len(head):].encode("utf-8").decode("latin-1"))
+                both = tokenizer.decode(
+                    [anchor, i], skip_special_tokens=False, clean_up_tokenization_spaces=False
+                )
+                pieces.append(both[len(head) :].encode("utf-8").decode("latin-1"))
         for i in ignore:
             if 0 <= i < n:
                 pieces[i] = ""
@@ -247,7 +257,7 @@ def encode_text(tokenizer: Any, text: str, *, vrt_base: int | None = None) -> li
     pos = 0
     for m in VRT_PATTERN.finditer(text):
         if m.start() > pos:
-            ids.extend(tokenizer.encode(text[pos:m.start()], add_special_tokens=False))
+            ids.extend(tokenizer.encode(text[pos : m.start()], add_special_tokens=False))
         ids.append(base + int(m.group(1)))
         pos = m.end()
     if pos < len(text):
@@ -291,8 +301,12 @@ def _shift(result: ParseResult, by: int) -> ParseResult:
         tuple(tuple(p + by for p in target) for target in triplet) for triplet in result.positions
     )
     return ParseResult(
-        triplets=result.triplets, texts=result.texts, task=result.task,
-        diagnostics=result.diagnostics, spans=result.spans, offsets=result.offsets,
+        triplets=result.triplets,
+        texts=result.texts,
+        task=result.task,
+        diagnostics=result.diagnostics,
+        spans=result.spans,
+        offsets=result.offsets,
         positions=positions,
     )
 
@@ -328,7 +342,9 @@ def encode_conversation(
             raise ValueError(f"message {i}: role {role!r} not in {template.roles}")
         if not isinstance(content, str):
             raise TypeError(f"message {i}: content must be a str")
-        head = encode_text(tokenizer, template.turn_start.format(role=role), vrt_base=vocab.vrt_base)
+        head = encode_text(
+            tokenizer, template.turn_start.format(role=role), vrt_base=vocab.vrt_base
+        )
         body = encode_text(tokenizer, content, vrt_base=vocab.vrt_base)
         tail = encode_text(tokenizer, template.turn_end, vrt_base=vocab.vrt_base)
         ids += head

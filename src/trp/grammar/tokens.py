@@ -90,7 +90,7 @@ def parse_vrt(text: str, *, vrt_base: int = 0) -> list[int]:
     while pos < len(text):
         m = VRT_PATTERN.match(text, pos)
         if m is None:
-            raise ValueError(f"not a VRT token at offset {pos}: {text[pos:pos + 16]!r}")
+            raise ValueError(f"not a VRT token at offset {pos}: {text[pos : pos + 16]!r}")
         ids.append(vrt_base + int(m.group(1)))
         pos = m.end()
     return ids
