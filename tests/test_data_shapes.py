@@ -328,3 +328,6 @@ def test_bad_arguments_raise():
         ShapesDataset(num_samples=4)[4]
     with pytest.raises(ValueError, match="min_shapes"):
         sample_scene(np.random.default_rng(0), min_shapes=3, max_shapes=2)
+    with pytest.raises(RuntimeError, match="could not place 12 shapes"):
+        sample_scene(np.random.default_rng(0), height=16, width=16, min_shapes=12,
+                     max_shapes=12, max_radius=0.4, min_radius=0.4, max_attempts=2)

@@ -51,6 +51,7 @@ _STAR_INNER = 0.45  # inner-vertex radius of the star, as a fraction of the tip 
 _CROSS_HALF_WIDTH = 0.32  # half-width of a cross arm, as a fraction of the arm length
 _NUM_VERTICES = np.array([NUM_KEYPOINTS[name] - 1 for name in SHAPE_CLASSES])
 _CIRCLE = SHAPE_CLASSES.index("circle")
+_MAX_SCENE_ATTEMPTS = 100  # before giving up on impossible settings instead of looping forever
 _PALETTE = np.array([COLORS[name] for name in COLOR_NAMES], dtype=np.float64)
 
 
@@ -59,7 +60,7 @@ class Scene:
     """One rendered scene. ``N`` shapes, image ``H x W``; shape ``i`` is painted after ``i - 1``.
 
     Attributes:
-        image: uint8 ``[H, W, 3]``.
+        image: uint8 ``[H, W, 3]`` (a strided view of packed RGBX pixels).
         label_map: int16 ``[H, W]``; index of the front-most shape at each pixel, -1 background.
         classes: int64 ``[N]`` indices into ``SHAPE_CLASSES``.
         colors: int64 ``[N]`` indices into ``COLOR_NAMES``.
@@ -243,12 +244,17 @@ def sample_scene(
     if not 0 <= min_visible_fraction < 1:
         raise ValueError(f"min_visible_fraction must be in [0, 1), got {min_visible_fraction}")
     side = min(height, width)
-    while True:
+    for _ in range(_MAX_SCENE_ATTEMPTS):
         scene = _try_scene(rng, height, width, int(rng.integers(min_shapes, max_shapes + 1)),
                            min_radius * side, max_radius * side, min_visible_fraction,
                            max_attempts)
         if scene is not None and scene.num_shapes >= min_shapes:
             return scene
+    raise RuntimeError(
+        f"could not place {min_shapes} shapes with {min_visible_fraction:.0%} visible in a "
+        f"{height}x{width} image after {_MAX_SCENE_ATTEMPTS} scenes; lower min_shapes, "
+        "max_radius or min_visible_fraction"
+    )
 
 
 def _try_scene(
