@@ -13,6 +13,7 @@ x among the candidates, "above" = centre y smaller than the anchor's.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -118,7 +119,7 @@ def resolve(ref: Referent, facts: SceneFacts, *, generous: bool) -> list[int]:
     not "the circle on the left"), otherwise nothing matches.
     """
     slack = POSITION_MARGIN * facts.side * (1 if generous else -1)
-    log_ratio = np.log(SIZE_RATIO) * (1 if generous else -1)
+    log_ratio = math.log(SIZE_RATIO) * (1 if generous else -1)
     cands = [i for i, s in enumerate(facts.shapes)
              if s == ref.shape and (ref.color is None or facts.colors[i] == ref.color)]
     if ref.relation is not None:
@@ -136,7 +137,7 @@ def resolve(ref: Referent, facts: SceneFacts, *, generous: bool) -> list[int]:
         if len(cands) < 2:
             return []
         sign = 1.0 if ref.size == "big" else -1.0
-        logs = {i: sign * np.log(facts.areas[i]) for i in cands}
+        logs = {i: sign * math.log(facts.areas[i]) for i in cands}
         cands = [i for i in cands if all(logs[i] > logs[j] - log_ratio for j in cands if j != i)]
     if ref.position is not None:
         if len(cands) < 2:

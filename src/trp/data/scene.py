@@ -51,6 +51,7 @@ _STAR_INNER = 0.45  # inner-vertex radius of the star, as a fraction of the tip 
 _CROSS_HALF_WIDTH = 0.32  # half-width of a cross arm, as a fraction of the arm length
 _NUM_VERTICES = np.array([NUM_KEYPOINTS[name] - 1 for name in SHAPE_CLASSES])
 _CIRCLE = SHAPE_CLASSES.index("circle")
+_PIXEL_CENTRES = np.arange(8192, dtype=np.float64) + 0.5
 _MAX_SCENE_ATTEMPTS = 100  # before giving up on impossible settings instead of looping forever
 _PALETTE = np.array([COLORS[name] for name in COLOR_NAMES], dtype=np.float64)
 
@@ -181,8 +182,9 @@ def rasterize_shape(
     """
     row0, row1 = max(0, math.floor(cy - r)), min(height, math.ceil(cy + r) + 1)
     col0, col1 = max(0, math.floor(cx - r)), min(width, math.ceil(cx + r) + 1)
-    ys = np.arange(row0, row1, dtype=np.float64) + 0.5  # h
-    xs = np.arange(col0, col1, dtype=np.float64) + 0.5  # w
+    if max(row1, col1) > _PIXEL_CENTRES.size:
+        raise ValueError(f"image side {max(height, width)} exceeds {_PIXEL_CENTRES.size}")
+    ys, xs = _PIXEL_CENTRES[row0:row1], _PIXEL_CENTRES[col0:col1]  # h, w (views, no allocation)
     # Scanline form: on every row each convex piece covers one x-interval [lo, hi], so the
     # per-pixel work is two comparisons instead of one per polygon edge.
     if name == "circle":
