@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from test_grammar_fixtures import offline_tokenizer
+from tests.test_grammar_fixtures import offline_tokenizer
 from trp.grammar import (
     TokenVocab,
     TRPLogitsProcessor,

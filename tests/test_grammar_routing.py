@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_grammar_fixtures import offline_tokenizer
+from tests.test_grammar_fixtures import offline_tokenizer
 from trp.grammar import (
     DEFAULT_UNITS,
     TokenVocab,

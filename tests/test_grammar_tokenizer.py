@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Tokenizer
 
-from test_grammar_fixtures import offline_tokenizer, train_tokenizer
-from test_grammar_parse import answers, outcome
+from tests.test_grammar_fixtures import offline_tokenizer, train_tokenizer
+from tests.test_grammar_parse import answers, outcome
 from trp.grammar import (
     REF,
     TRP_SPECIAL_TOKENS,

@@ -17,6 +17,7 @@ ended, so they too are independent of chunking.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from trp.grammar.errors import TRPParseError
 from trp.grammar.tokens import (
@@ -27,7 +28,16 @@ from trp.grammar.tokens import (
     VRT_PATTERN,
     VRT_PREFIX,
 )
-from trp.grammar.types import Diagnostic, ParseResult, Target, TaskBlock, TaskEntry, Triplet
+from trp.grammar.types import (
+    Diagnostic,
+    ParseResult,
+    Target,
+    TaskBlock,
+    TaskEntry,
+    Triplet,
+    new_target,
+    new_triplet,
+)
 
 # Modes of the machine.
 BODY, PHRASE, PHRASE_PLAN, OPEN_UNIT, UNIT, TARGETS, LEGACY = range(7)
@@ -79,7 +89,25 @@ _R_CATEGORY = re.compile(r'(\d{1,9})\s*"([^"]*)"\s*\(\s*$')
 _R_QUOTED = re.compile(r'"([^"]*)"')
 _R_CLAUSE = re.compile(r"[.;:!?\n]")
 
+# Fast path for a whole canonical triplet already in the buffer (the common case); anything it
+# does not fully vouch for goes through the general machine, so results are identical.
+_FAST_TRIPLET = re.compile(
+    r"<Phrase>([^<]+)</Phrase>\(<Unit>([a-z][a-z0-9_]*)</Unit>"
+    r"((?:\[\d+\]<REF>|<\|VRT_\d+\|>|, )+)\)"
+)
+_FAST_TARGET = re.compile(r"\[(\d+)\]<REF>|<\|VRT_(\d+)\|>|, ")
+
 _WAIT = object()
+
+
+@lru_cache(maxsize=64)
+def _unit_literals(units: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...], frozenset]:
+    return (
+        tuple(u + UNIT_END for u in units),
+        tuple(u + ENTRY_NUM for u in units),
+        frozenset(units),
+    )
+
 
 # State that ``checkpoint``/``rollback`` save. Lists are append-only between a checkpoint and its
 # rollback, so saving (list, length) pairs is enough; list fields that get rebound are also in
@@ -161,8 +189,7 @@ class Scanner:
     ) -> None:
         self.strict = strict
         self.units = units
-        self.unit_choices = tuple(u + UNIT_END for u in units)
-        self.task_unit_choices = tuple(u + ENTRY_NUM for u in units)
+        self.unit_choices, self.task_unit_choices, self.unit_set = _unit_literals(units)
         self.legacy_unit = legacy_unit
         self.latin1 = latin1
         self.allow_ref = allow_ref
@@ -356,7 +383,7 @@ class Scanner:
 
     def _close_run(self) -> None:
         if self.run_ids:
-            self.targets.append(Target(patches=tuple(self.run_ids)))
+            self.targets.append(new_target(None, tuple(self.run_ids)))
             self.t_offsets.append(tuple(self.run_offs))
             self.run_ids = []
             self.run_offs = []
@@ -364,7 +391,7 @@ class Scanner:
     def _finish_triplet(self, end: int) -> None:
         self._close_run()
         concept = _latin1_to_str(self.concept) if self.latin1 else self.concept
-        self.triplets.append(Triplet(concept, self.unit, tuple(self.targets)))
+        self.triplets.append(new_triplet(concept, self.unit, tuple(self.targets)))
         self.offsets.append(tuple(self.t_offsets))
         self.spans.append((self.t_start, end))
         self.texts.append((self.span_start, self.t_start))
@@ -399,6 +426,8 @@ class Scanner:
             if tag == PHRASE_OPEN:
                 if self.plan is not None and self.plan_index >= len(self.plan):
                     raise self._err(i, "free text (the task block announces no more triplets)")
+                if self._fast_triplet(i):
+                    return True
                 self._reset_triplet(i)
                 self.c_start = end
                 self.pos = end
@@ -410,6 +439,62 @@ class Scanner:
                 self.mode = TASK_HEAD
                 return True
             raise self._err(i, "free text or '<Phrase>'")
+
+    def _fast_triplet(self, i: int) -> bool:
+        """Take a whole canonical triplet at ``i`` in one go; False: use the general machine."""
+        text = self.text
+        m = _FAST_TRIPLET.match(text, i)
+        if m is None or m.group(2) not in self.unit_set:
+            return False
+        targets: list[Target] = []
+        offsets: list[tuple[int, ...]] = []
+        run: list[int] = []
+        run_offs: list[int] = []
+        after_sep = True  # a separator may not come first
+        for t in _FAST_TARGET.finditer(text, m.start(3), m.end(3)):
+            slot, k = t.group(1), t.group(2)
+            if k is not None:
+                kk = int(k)
+                if kk in run:
+                    return False
+                run.append(kk)
+                run_offs.append(t.start())
+                after_sep = False
+                continue
+            if run:
+                targets.append(new_target(None, tuple(run)))
+                offsets.append(tuple(run_offs))
+                run, run_offs = [], []
+            if slot is None:
+                if after_sep:
+                    return False
+                after_sep = True
+            else:
+                if slot != str(len(targets)):
+                    return False
+                targets.append(new_target(len(targets), None))
+                offsets.append((t.end() - 5,))
+                after_sep = False
+        if after_sep:
+            return False
+        if run:
+            targets.append(new_target(None, tuple(run)))
+            offsets.append(tuple(run_offs))
+        concept, unit = m.group(1), m.group(2)
+        if self.plan is not None:
+            entry = self.plan[self.plan_index]
+            if (entry.name, entry.unit, entry.num) != (concept, unit, len(targets)):
+                return False
+        if self.latin1:
+            concept = _latin1_to_str(concept)
+        end = m.end()
+        self.triplets.append(new_triplet(concept, unit, tuple(targets)))
+        self.offsets.append(tuple(offsets))
+        self.spans.append((i, end))
+        self.texts.append((self.span_start, i))
+        self.span_start = self.pos = end
+        self.plan_index += 1
+        return True
 
     def _phrase(self, final: bool) -> bool:
         text = self.text
@@ -510,7 +595,7 @@ class Scanner:
         if c == ", ":
             self.after_sep = True
         else:
-            self.targets.append(Target(slot=len(self.targets)))
+            self.targets.append(new_target(len(self.targets), None))
             self.t_offsets.append((p + len(c) - 5,))
             self.after_sep = False
         self.pos = p + len(c)

@@ -66,6 +66,23 @@ class Triplet:
         object.__setattr__(self, "targets", targets)
 
 
+def new_target(slot: int | None, patches: tuple[int, ...] | None) -> Target:
+    """A Target from values the parser already validated (skips the checks of ``__init__``)."""
+    t = object.__new__(Target)
+    object.__setattr__(t, "slot", slot)
+    object.__setattr__(t, "patches", patches)
+    return t
+
+
+def new_triplet(concept: str, unit: str, targets: tuple[Target, ...]) -> Triplet:
+    """A Triplet from values the parser already validated."""
+    t = object.__new__(Triplet)
+    object.__setattr__(t, "concept", concept)
+    object.__setattr__(t, "unit", unit)
+    object.__setattr__(t, "targets", targets)
+    return t
+
+
 @dataclass(frozen=True, slots=True)
 class TaskEntry:
     """One line of the task block: ``- Name: {name} Unit: {unit} Num: {num}``."""
