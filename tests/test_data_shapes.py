@@ -110,7 +110,7 @@ def _mask_box(mask: torch.Tensor) -> list[float]:
 
 
 def test_expressions_resolve_to_exactly_the_target():
-    ds = ShapesDataset(num_samples=150, seed=11, task="res")
+    ds = ShapesDataset(num_samples=100, seed=11, task="res")
     kinds = set()
     for i in range(len(ds)):
         s = ds[i]

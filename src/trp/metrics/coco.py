@@ -11,7 +11,9 @@ count when masks are given, else the box area.
 
 Prediction keys: ``scores`` (``[M]``), ``labels`` (``[M]``), and ``boxes`` (``[M, 4]`` xyxy,
 for ``"bbox"``), ``masks`` (bool ``[M, H, W]``, for ``"segm"``) or ``keypoints``
-(``[M, K, 3]``, for ``"keypoints"``; the third column is ignored).
+(``[M, K, 3]``, for ``"keypoints"``; the third column is ignored). As ``COCO.loadRes`` does, a
+segm detection's box and area come from its mask and a keypoint detection's from the extent of
+its keypoints.
 
 Results follow ``COCOeval.summarize``: ``BBOX_NAMES`` for bbox/segm, ``KEYPOINT_NAMES`` for
 keypoints; -1 means undefined (no ground truth in that range), as in pycocotools.
@@ -131,19 +133,22 @@ def _annotations(
 
         for a, rle in zip(anns, _rles(d["masks"])):
             a["segmentation"] = rle
-            if not is_gt:
+            if not is_gt:  # box and area of the mask, as COCO.loadRes sets them
                 a["area"] = float(mask_utils.area(rle))
+                a["bbox"] = mask_utils.toBbox(rle).tolist()
     if iou_type == "keypoints":
         kps = d["keypoints"].double().cpu()
         for a, k in zip(anns, kps):
             a["keypoints"] = k.flatten().tolist()
             a["num_keypoints"] = int((k[:, 2] > 0).sum())
-    if is_gt or iou_type == "bbox" or "boxes" in d:
+    if is_gt or iou_type == "bbox":
         boxes = _xywh(d["boxes"])
-    else:  # keypoint detections without boxes: the keypoints' extent, as COCO.loadRes does
+    elif iou_type == "keypoints":  # the keypoints' extent, as COCO.loadRes sets it
         k = d["keypoints"].double().cpu()
         lo, hi = k[..., :2].amin(1), k[..., :2].amax(1)
         boxes = torch.cat([lo, hi - lo], dim=1).tolist()
+    else:  # segm detections: set from the masks above
+        return anns
     for a, box in zip(anns, boxes):
         a["bbox"] = box
         if "area" not in a:
@@ -264,8 +269,10 @@ class COCOMetric(Metric):
             self.gt_counts.append(torch.tensor([n], device=dev))
             self.dt_counts.append(torch.tensor([m], device=dev))
             self.gt_boxes.append(t["boxes"].double().to(dev).reshape(n, 4))
+            # Only bbox evaluation reads predicted boxes (segm and keypoint detections get
+            # theirs from masks / keypoints, as in COCO.loadRes); zeros keep the layout.
             self.dt_boxes.append(p["boxes"].double().to(dev).reshape(m, 4) if "boxes" in p
-                                 else torch.full((m, 4), float("nan"), device=dev))
+                                 else torch.zeros((m, 4), dtype=torch.float64, device=dev))
             self.gt_labels.append(t["labels"].long().to(dev))
             self.dt_labels.append(p["labels"].long().to(dev))
             self.gt_values.append(target_areas(t).to(dev))
@@ -300,8 +307,6 @@ class COCOMetric(Metric):
                 d["keypoints"] = kps
             for d, kps in zip(preds, self._split("dt_keypoints", dt_n)):
                 d["keypoints"] = kps
-                if torch.isnan(d["boxes"]).any():
-                    del d["boxes"]  # none were given: COCO derives them from the keypoints
         if self.iou_type == "segm":
             sizes = dim_zero_cat(self.sizes).cpu().tolist()
             for side, dicts, counts in (("gt", targets, gt_n), ("dt", preds, dt_n)):
