@@ -24,5 +24,42 @@ TORCH_LIBRARY(trp, m) {
   m.def(
       "match_cost(Tensor class_cost, Tensor pred_boxes, Tensor tgt_labels, Tensor tgt_boxes, "
       "Tensor tgt_offsets, float weight_class, float weight_bbox, float weight_giou) -> Tensor");
+  // ms_deform_attn: value [N, S, M, D], spatial_shapes [L, 2] int64 (H, W), level_start_index [L]
+  // int64, sampling_locations [N, Lq, M, L, P, 2] (x, y) in [0, 1], attention_weights
+  // [N, Lq, M, L, P] -> [N, Lq, M * D]
+  m.def(
+      "ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights) -> Tensor");
+  m.def(
+      "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
+      "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
+      "-> (Tensor, Tensor, Tensor)");
+  // point_mask_logits: mask_embed [Q, C], pixel_features [B, C, H, W], image_index [Q] int64,
+  // points [Q, P, 2] (x, y in [0, 1]) -> [Q, P]; point_mask_loss adds target_masks [Q, Ht, Wt]
+  // -> [Q, 2] (mean sigmoid-CE over the points, dice)
+  m.def(
+      "point_mask_logits(Tensor mask_embed, Tensor pixel_features, Tensor image_index, "
+      "Tensor points) -> Tensor");
+  m.def(
+      "point_mask_logits_backward(Tensor grad, Tensor mask_embed, Tensor pixel_features, "
+      "Tensor image_index, Tensor points) -> (Tensor, Tensor)");
+  m.def(
+      "point_mask_loss(Tensor mask_embed, Tensor pixel_features, Tensor image_index, "
+      "Tensor target_masks, Tensor points) -> Tensor");
+  m.def(
+      "point_mask_loss_backward(Tensor grad, Tensor mask_embed, Tensor pixel_features, "
+      "Tensor image_index, Tensor target_masks, Tensor points) -> (Tensor, Tensor)");
+  // vrt_linear_cross_entropy: hidden [T, D], text_weight [V, D], prototypes [P, D],
+  // sample_index [T] int64, proto_offsets [B + 1] int64, labels [T] int64 (VRT k = V + k),
+  // exclude_offsets [T + 1] int64, exclude_ids [E] int64 -> (loss [T], lse [T])
+  m.def(
+      "vrt_linear_cross_entropy(Tensor hidden, Tensor text_weight, Tensor prototypes, "
+      "Tensor sample_index, Tensor proto_offsets, Tensor labels, Tensor exclude_offsets, "
+      "Tensor exclude_ids, int ignore_index, int chunk_size) -> (Tensor, Tensor)");
+  m.def(
+      "vrt_linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor text_weight, "
+      "Tensor prototypes, Tensor sample_index, Tensor proto_offsets, Tensor labels, "
+      "Tensor exclude_offsets, Tensor exclude_ids, Tensor lse, int ignore_index, int chunk_size) "
+      "-> (Tensor, Tensor, Tensor)");
   // -- later ops append their schemas below this line --
 }
