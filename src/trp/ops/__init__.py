@@ -8,9 +8,11 @@ from trp._native import fused_enabled, native_available, set_fused, use_fused
 from trp.ops import reference
 from trp.ops.box_iou import BoxIoU, box_iou, generalized_box_iou
 from trp.ops.match_cost import MatchCost, PackedCost, class_cost_table, match_cost
+from trp.ops.ms_deform_attn import MSDeformAttn, ms_deform_attn
 
 __all__ = [
     "BoxIoU",
+    "MSDeformAttn",
     "MatchCost",
     "PackedCost",
     "box_iou",
@@ -18,6 +20,7 @@ __all__ = [
     "fused_enabled",
     "generalized_box_iou",
     "match_cost",
+    "ms_deform_attn",
     "native_available",
     "reference",
     "set_fused",

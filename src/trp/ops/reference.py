@@ -82,3 +82,36 @@ def match_cost(
     if not blocks:
         return class_cost.new_empty((0,))
     return torch.cat(blocks)
+
+
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Multi-scale deformable attention the eager way (Deformable-DETR's
+    ``ms_deform_attn_core_pytorch``): one ``grid_sample`` per level, then a weighted sum.
+
+    value [N, S, M, D], spatial_shapes [L, 2] (H, W), level_start_index [L] (unused: levels are
+    consecutive), sampling_locations [N, Lq, M, L, P, 2] (x, y in [0, 1]), attention_weights
+    [N, Lq, M, L, P] -> [N, Lq, M * D].
+    """
+    n, _, m, d = value.shape
+    _, lq, _, num_levels, num_points, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    value_list = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * sampling_locations - 1
+    samples = []
+    for level, (h, w) in enumerate(shapes):
+        value_l = value_list[level].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
+        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # N·M x Lq x P x 2
+        samples.append(
+            torch.nn.functional.grid_sample(
+                value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
+        )  # N·M x D x Lq x P
+    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, num_levels * num_points)
+    out = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1)  # N·M x D x Lq
+    return out.view(n, m * d, lq).transpose(1, 2).contiguous()
