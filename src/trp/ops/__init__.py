@@ -9,12 +9,14 @@ from trp.ops import reference
 from trp.ops.box_iou import BoxIoU, box_iou, generalized_box_iou
 from trp.ops.match_cost import MatchCost, PackedCost, class_cost_table, match_cost
 from trp.ops.ms_deform_attn import MSDeformAttn, ms_deform_attn
+from trp.ops.vrt_linear_cross_entropy import VRTLinearCrossEntropy, vrt_linear_cross_entropy
 
 __all__ = [
     "BoxIoU",
     "MSDeformAttn",
     "MatchCost",
     "PackedCost",
+    "VRTLinearCrossEntropy",
     "box_iou",
     "class_cost_table",
     "fused_enabled",
@@ -25,4 +27,5 @@ __all__ = [
     "reference",
     "set_fused",
     "use_fused",
+    "vrt_linear_cross_entropy",
 ]

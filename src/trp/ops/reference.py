@@ -115,3 +115,39 @@ def ms_deform_attn(
     weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, num_levels * num_points)
     out = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1)  # N·M x D x Lq
     return out.view(n, m * d, lq).transpose(1, 2).contiguous()
+
+
+def vrt_linear_cross_entropy(
+    hidden: Tensor,
+    text_weight: Tensor,
+    prototypes: Tensor,
+    sample_index: Tensor,
+    proto_offsets: Tensor,
+    labels: Tensor,
+    exclude_offsets: Tensor,
+    exclude_ids: Tensor,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Per-token cross-entropy over text ⊕ the token's own patches, from the full logits.
+
+    hidden [T, D], text_weight [V, D], prototypes [P, D], sample_index [T], proto_offsets
+    [B + 1], labels [T] (VRT k of the token's sample is V + k), exclude_offsets [T + 1] and
+    exclude_ids [E] (local VRT indices removed from each token's softmax) -> loss [T] (0 where
+    ignored).
+    """
+    vocab = text_weight.shape[0]
+    counts = proto_offsets[1:] - proto_offsets[:-1]
+    width = int(counts.max()) if counts.numel() else 0
+    local = torch.arange(width, device=hidden.device)
+    index = proto_offsets[:-1, None] + local[None, :]  # B x Pmax
+    valid = local[None, :] < counts[:, None]
+    full = hidden @ torch.cat([text_weight, prototypes]).T  # T x (V + P)
+    vrt = full[:, vocab:].gather(1, index[sample_index].clamp(max=max(prototypes.shape[0] - 1, 0)))
+    allowed = valid[sample_index].clone()  # T x Pmax
+    per_token = exclude_offsets[1:] - exclude_offsets[:-1]
+    token_of = torch.repeat_interleave(torch.arange(hidden.shape[0], device=hidden.device), per_token)
+    allowed[token_of, exclude_ids] = False
+    logits = torch.cat([full[:, :vocab], vrt.masked_fill(~allowed, float("-inf"))], dim=1)
+    return torch.nn.functional.cross_entropy(
+        logits, labels, ignore_index=ignore_index, reduction="none"
+    )
