@@ -1,4 +1,5 @@
 import io
+import pickle
 
 import numpy as np
 import pyarrow as pa
@@ -60,6 +61,10 @@ def test_reads_samples_across_files_and_row_groups(tmp_path):
         6, 13, 5, 14)
     assert s["orig_size"].tolist() == [30, 40]
     assert len(RefCOCODataset(tmp_path, "testA")) == 1
+    # Workers get the dataset pickled: the cached row group is not shipped, reads still work.
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._cache is None
+    assert torch.equal(clone[4]["image"], s["image"])
 
 
 def test_split_subdirectory_layout_and_resize(tmp_path):

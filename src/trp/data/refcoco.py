@@ -131,6 +131,10 @@ class RefCOCODataset(Dataset):
     def __len__(self) -> int:
         return len(self._rows)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers receive a pickled copy: leave the decoded row group behind.
+        return {**self.__dict__, "_cache": None}
+
     def _image_cell(self, index: int) -> Any:
         import pyarrow.parquet as pq
 
