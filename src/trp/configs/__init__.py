@@ -1,0 +1,1 @@
+"""Hydra configs of the trp recipes (packaged: ``initialize_config_module("trp.configs")``)."""

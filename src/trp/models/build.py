@@ -1,0 +1,160 @@
+"""Builders of the reference VLM's parts from plain config mappings (Hydra / OmegaConf or dicts).
+
+Everything is built offline: the vision encoder and the LM from configs with random init, or
+from local weights; the tokenizer trained on the task's corpus or loaded from a local directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trp.grammar import resize_embeddings
+from trp.heads import BoxHead, MaskHead
+from trp.models.light_heads import LightBoxHead, LightMaskHead
+from trp.models.tokenizer import load_tokenizer, train_tokenizer
+from trp.models.vlm import ReferringVLM
+
+__all__ = [
+    "HEAD_IMPLS",
+    "build_head",
+    "build_language_model",
+    "build_tokenizer",
+    "build_vision_encoder",
+    "build_vlm",
+]
+
+
+def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    return cfg[key] if key in cfg and cfg[key] is not None else default
+
+
+def build_vision_encoder(cfg: Mapping[str, Any], *, image_size: int, patch_size: int) -> nn.Module:
+    """A timm ViT without classifier: ``timm.create_model(name, pretrained=False, ...)``.
+
+    ``cfg``: ``name`` (timm architecture), ``embed_dim``, ``depth``, ``num_heads`` and optional
+    ``weights`` (a local ``.safetensors`` / ``.pth`` state dict; never downloaded).
+    """
+    import timm
+
+    if image_size % patch_size:
+        raise ValueError(f"image_size={image_size} must be divisible by patch_size={patch_size}")
+    model = timm.create_model(
+        cfg["name"],
+        pretrained=False,
+        img_size=image_size,
+        patch_size=patch_size,
+        embed_dim=int(cfg["embed_dim"]),
+        depth=int(cfg["depth"]),
+        num_heads=int(cfg["num_heads"]),
+        num_classes=0,
+    )
+    weights = _get(cfg, "weights")
+    if weights is not None:
+        model.load_state_dict(_load_state_dict(weights), strict=False)
+    return model
+
+
+def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_language_model(cfg: Mapping[str, Any], *, vocab_size: int) -> nn.Module:
+    """A causal LM: ``Qwen2ForCausalLM(Qwen2Config(...))`` from ``cfg`` or ``from_pretrained``.
+
+    ``cfg``: ``pretrained_dir`` (a local HF model directory) or ``hidden_size``,
+    ``intermediate_size``, ``num_layers``, ``num_heads``, ``num_kv_heads``, ``max_positions``,
+    ``tie_embeddings``.
+    """
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    local = _get(cfg, "pretrained_dir")
+    if local is not None:
+        if not Path(local).is_dir():
+            raise FileNotFoundError(f"language model directory not found: {local}")
+        return AutoModelForCausalLM.from_pretrained(str(local))
+    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_heads"])
+    if hidden % heads:
+        raise ValueError(f"hidden_size={hidden} must be divisible by num_heads={heads}")
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_hidden_layers=int(cfg["num_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_get(cfg, "num_kv_heads", heads)),
+        max_position_embeddings=int(_get(cfg, "max_positions", 512)),
+        tie_word_embeddings=bool(_get(cfg, "tie_embeddings", True)),
+        attn_implementation="sdpa",
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def build_tokenizer(cfg: Mapping[str, Any], corpus: Iterable[str] | None = None):
+    """Load ``cfg.dir`` when set, else train a byte-level BPE of ``cfg.vocab_size`` on
+    ``corpus``."""
+    directory = _get(cfg, "dir")
+    if directory is not None:
+        return load_tokenizer(directory)
+    if corpus is None:
+        raise ValueError("tokenizer.dir is not set and no corpus was given to train one")
+    return train_tokenizer(corpus, vocab_size=int(_get(cfg, "vocab_size", 1000)))
+
+
+HEAD_IMPLS: dict[str, dict[str, type[nn.Module]]] = {
+    "box": {"light": LightBoxHead, "deformable": BoxHead},
+    "mask": {"light": LightMaskHead, "two_way": MaskHead},
+}
+
+
+def build_head(
+    unit: str, cfg: Mapping[str, Any], *, in_dim: int, in_channels: list[int]
+) -> nn.Module:
+    """The head of ``unit`` from ``cfg`` (``impl`` plus the head's keyword arguments)."""
+    if unit not in HEAD_IMPLS:
+        raise ValueError(f"no head for unit {unit!r}; known: {sorted(HEAD_IMPLS)}")
+    kwargs = dict(cfg)
+    impl = kwargs.pop("impl", "light")
+    if impl not in HEAD_IMPLS[unit]:
+        raise ValueError(f"unknown {unit} head impl {impl!r}; known: {sorted(HEAD_IMPLS[unit])}")
+    return HEAD_IMPLS[unit][impl](in_dim=in_dim, in_channels=in_channels, **kwargs)
+
+
+def build_vlm(cfg: Mapping[str, Any], *, tokenizer) -> ReferringVLM:
+    """The reference :class:`ReferringVLM` from a ``model`` config and a tokenizer.
+
+    ``cfg``: ``image_size``, ``patch_size``, ``vision``, ``language``, ``heads`` (unit -> head
+    config) and ``prototype_rank``.
+    """
+    image_size, patch_size = int(cfg["image_size"]), int(cfg["patch_size"])
+    vision = build_vision_encoder(cfg["vision"], image_size=image_size, patch_size=patch_size)
+    language = build_language_model(cfg["language"], vocab_size=len(tokenizer))
+    resize_embeddings(language, tokenizer)
+    width = int(language.config.hidden_size)
+    vision_dim = int(cfg["vision"]["embed_dim"])
+    heads = {
+        unit: build_head(unit, head_cfg, in_dim=width, in_channels=[vision_dim])
+        for unit, head_cfg in cfg["heads"].items()
+    }
+    grid = image_size // patch_size
+    return ReferringVLM(
+        vision=vision,
+        language=language,
+        tokenizer=tokenizer,
+        heads=heads,
+        grid=(grid, grid),
+        image_size=(image_size, image_size),
+        vision_dim=vision_dim,
+        prototype_rank=int(_get(cfg, "prototype_rank", 64)),
+    )

@@ -1,0 +1,213 @@
+"""Referring samples -> encoded conversations: prompts, TRP answers, targets (a collate function).
+
+A sample (``trp.data.ShapesDataset`` with ``task="rec"``/``"res"``, or ``RefCOCODataset``) has
+``image``, ``expression``, ``box`` (xyxy pixels) and ``mask``. Its conversation is
+
+    user:      <image> x N  "\\n"  "Locate <expression>."   (or "Segment ..." for the mask unit)
+    assistant: <Phrase>expression</Phrase>(<Unit>box</Unit><|VRT_a|><|VRT_b|>...).
+
+with the VRT run sampled from the object's target patches (:mod:`trp.vrt`), or a single
+``[0]<REF>`` slot when ``target="ref"``. The unit alternates with the sample index so both
+prompts are learned; every head is trained on every target (both ground truths are known).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from trp.data import collate
+from trp.grammar import (
+    IMAGE,
+    ChatTemplate,
+    TokenVocab,
+    encode_conversation,
+    encode_text,
+    format_rec,
+)
+from trp.heads import quarter_size
+from trp.vrt import mask_coverage, sample_target_patches, target_patches
+
+__all__ = ["PROMPTS", "TARGET_KINDS", "ReferringCollator", "clean_expression"]
+
+PROMPTS: dict[str, str] = {"box": "Locate {}.", "mask": "Segment {}."}
+TARGET_KINDS: tuple[str, ...] = ("vrt", "ref")
+_FORBIDDEN = ("<", ">", "[", "]", "(", ")", "|", "\n")
+
+
+def clean_expression(text: str) -> str:
+    """An expression safe inside ``<Phrase>``: grammar characters removed, spaces collapsed."""
+    for ch in _FORBIDDEN:
+        text = text.replace(ch, " ")
+    return " ".join(text.split()) or "object"
+
+
+class ReferringCollator:
+    """Collate referring samples into a model batch.
+
+    Args:
+        tokenizer: HF tokenizer with the TRP tokens and ``<image>``.
+        grid: patch grid ``(h, w)``; image_size: ``(H, W)`` of the images.
+        target: ``"vrt"`` (VRT runs) or ``"ref"`` (``<REF>`` slots).
+        num_vrt: VRTs per object (sampled each call, PaDT's ``"padt"`` mode).
+        with_answers: encode the answers (training); otherwise left-padded prompts only.
+        units: the units prompts alternate between.
+
+    Returns batches with ``images`` [B, 3, H, W], ``input_ids``/``attention_mask`` [B, L]
+    (right-padded full conversations, or left-padded prompts), ``labels`` [B, L] (-100 outside
+    the answers), ``parses`` (answer parses, positions in sequence coordinates), ``objects``
+    (per sample, its label positions and all target patches, for the robust token loss),
+    ``boxes`` [B, 4] normalised cxcywh, ``boxes_xyxy`` [B, 4] pixels, ``masks`` [B, H, W] bool,
+    ``masks_small`` [B, H/4, W/4] float, ``units``, ``expressions``, ``index``.
+    """
+
+    def __init__(
+        self,
+        *,
+        tokenizer,
+        grid: tuple[int, int],
+        image_size: tuple[int, int],
+        target: str = "vrt",
+        num_vrt: int = 4,
+        with_answers: bool = True,
+        units: Sequence[str] = ("box", "mask"),
+    ) -> None:
+        if target not in TARGET_KINDS:
+            raise ValueError(f"target must be one of {TARGET_KINDS}, got {target!r}")
+        if num_vrt < 1:
+            raise ValueError(f"num_vrt must be >= 1, got {num_vrt}")
+        unknown = [u for u in units if u not in PROMPTS]
+        if unknown or not units:
+            raise ValueError(f"units must be a non-empty subset of {sorted(PROMPTS)}")
+        self.tokenizer = tokenizer
+        self.vocab = TokenVocab.from_tokenizer(tokenizer)
+        self.template = ChatTemplate()
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.target = target
+        self.num_vrt = num_vrt
+        self.with_answers = with_answers
+        self.units = tuple(units)
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.image_text = IMAGE * (self.grid[0] * self.grid[1])
+
+    def unit_of(self, index: int) -> str:
+        return self.units[index % len(self.units)]
+
+    def user_text(self, expression: str, unit: str) -> str:
+        return f"{self.image_text}\n{PROMPTS[unit].format(expression)}"
+
+    def answer_text(self, expression: str, unit: str, patches: Sequence[int] | None) -> str:
+        return format_rec(expression, unit=unit, patches=patches).text
+
+    def prompt_ids(self, expression: str, unit: str) -> list[int]:
+        """The prompt up to the answer turn's start, tokenised as ``encode_conversation`` does."""
+        t = self.template
+        parts = (
+            t.turn_start.format(role="user"),
+            self.user_text(expression, unit),
+            t.turn_end,
+            t.turn_start.format(role=t.answer_role),
+        )
+        return [
+            i for p in parts for i in encode_text(self.tokenizer, p, vrt_base=self.vocab.vrt_base)
+        ]
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        keep = ("image", "expression", "box", "mask", "index")
+        batch = collate([{k: s[k] for k in keep} for s in samples])
+        images, masks = batch["image"], batch["mask"]
+        if tuple(images.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"images must be {self.image_size}, got {tuple(images.shape[-2:])}; "
+                "set the dataset's image_size"
+            )
+        h, w = self.image_size
+        boxes_xyxy = batch["box"].float()
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        norm = boxes_xyxy / scale
+        cxcywh = torch.stack(
+            [
+                (norm[:, 0] + norm[:, 2]) / 2,
+                (norm[:, 1] + norm[:, 3]) / 2,
+                norm[:, 2] - norm[:, 0],
+                norm[:, 3] - norm[:, 1],
+            ],
+            dim=1,
+        )
+        small = F.interpolate(
+            masks[:, None].float(), size=quarter_size(self.image_size), mode="area"
+        )[:, 0]
+        expressions = [clean_expression(str(e)) for e in batch["expression"]]
+        indices = [int(i) for i in batch["index"].tolist()]
+        units = [self.unit_of(i) for i in indices]
+        out: dict[str, Any] = {
+            "images": images,
+            "boxes": cxcywh,
+            "boxes_xyxy": boxes_xyxy,
+            "masks": masks,
+            "masks_small": small,
+            "units": units,
+            "expressions": expressions,
+            "index": batch["index"],
+        }
+        if self.with_answers:
+            out.update(self._answers(masks, expressions, units))
+        else:
+            out.update(self._prompts(expressions, units))
+        return out
+
+    def _answers(
+        self, masks: torch.Tensor, expressions: list[str], units: list[str]
+    ) -> dict[str, Any]:
+        encoded, objects = [], []
+        for mask, expr, unit in zip(masks, expressions, units):
+            allowed = target_patches(mask_coverage(mask, self.grid))
+            patches = None
+            if self.target == "vrt":
+                if allowed.numel() == 0:
+                    raise ValueError(f"the object of {expr!r} has an empty mask")
+                patches = (
+                    sample_target_patches(allowed, self.grid, num=self.num_vrt, mode="padt")
+                    .unique()
+                    .tolist()
+                )
+            messages = [
+                {"role": "user", "content": self.user_text(expr, unit)},
+                {"role": "assistant", "content": self.answer_text(expr, unit, patches)},
+            ]
+            enc = encode_conversation(
+                self.tokenizer, messages, vocab=self.vocab, template=self.template
+            )
+            encoded.append(enc)
+            positions = [p for triplet in enc.answers[0].positions for t in triplet for p in t]
+            objects.append((positions if self.target == "vrt" else [], allowed))
+        length = max(e.input_ids.numel() for e in encoded)
+        b = len(encoded)
+        input_ids = torch.full((b, length), self.pad_id, dtype=torch.long)
+        labels = torch.full((b, length), -100, dtype=torch.long)
+        attention = torch.zeros((b, length), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            n = e.input_ids.numel()
+            input_ids[i, :n], labels[i, :n], attention[i, :n] = e.input_ids, e.labels, 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "labels": labels,
+            "parses": [e.answers[0] for e in encoded],
+            "objects": objects,
+        }
+
+    def _prompts(self, expressions: list[str], units: list[str]) -> dict[str, Any]:
+        prompts = [self.prompt_ids(e, u) for e, u in zip(expressions, units)]
+        length = max(len(p) for p in prompts)
+        b = len(prompts)
+        input_ids = torch.full((b, length), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((b, length), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            input_ids[i, length - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attention[i, length - len(p) :] = 1
+        return {"input_ids": input_ids, "attention_mask": attention}

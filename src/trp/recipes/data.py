@@ -1,0 +1,155 @@
+"""Datasets of the recipes and the LightningDataModule that batches them.
+
+``data.name``: ``"shapes"`` (synthetic referring scenes, offline) or ``"refcoco"`` (an lmms-eval
+RefCOCO parquet directory; ``data.root`` is required). lmms-eval ships only evaluation splits
+(val/test/testA/testB), so a RefCOCO recipe fine-tunes on one split and evaluates on another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from trp.data import REFCOCO_SPLITS, RefCOCODataset, ShapesDataset
+from trp.grammar import format_rec
+from trp.recipes.conversation import PROMPTS, clean_expression
+
+__all__ = ["DATASETS", "IndexedDataset", "ReferringDataModule", "build_datasets", "corpus"]
+
+DATASETS: tuple[str, ...] = ("shapes", "refcoco")
+
+
+class IndexedDataset(Dataset):
+    """Adds ``index`` (the sample's position) to the samples of ``dataset`` when missing."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.dataset[index]
+        sample.setdefault("index", index)
+        return sample
+
+
+def build_datasets(cfg: Mapping[str, Any], *, image_size: int) -> tuple[Dataset, Dataset]:
+    """``(train, eval)`` datasets of ``cfg`` (the ``data`` config group).
+
+    Raises:
+        ValueError: unknown dataset or bad sizes. FileNotFoundError: a missing RefCOCO root.
+    """
+    name = cfg["name"]
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+    if name == "shapes":
+        common = {
+            "image_size": image_size,
+            "task": "rec",
+            "min_shapes": int(cfg["min_shapes"]),
+            "max_shapes": int(cfg["max_shapes"]),
+        }
+        if int(cfg["seed"]) == int(cfg["eval_seed"]):
+            raise ValueError("data.seed and data.eval_seed must differ (held-out scenes)")
+        train = ShapesDataset(num_samples=int(cfg["train_size"]), seed=int(cfg["seed"]), **common)
+        held_out = ShapesDataset(
+            num_samples=int(cfg["eval_size"]), seed=int(cfg["eval_seed"]), **common
+        )
+        return IndexedDataset(train), IndexedDataset(held_out)
+    root = cfg.get("root")
+    if not root:
+        raise ValueError(
+            "the refcoco dataset needs data.root=<directory of lmms-eval RefCOCO "
+            "parquet files> (e.g. python examples/train.py recipe=refcoco_vrt "
+            "data.root=/data/refcoco)"
+        )
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"RefCOCO directory not found: {root} (data.root)")
+    for key in ("train_split", "eval_split"):
+        if cfg[key] not in REFCOCO_SPLITS:
+            raise ValueError(f"data.{key}={cfg[key]!r}; expected one of {REFCOCO_SPLITS}")
+    train = RefCOCODataset(root, cfg["train_split"], image_size=image_size)
+    held_out = RefCOCODataset(root, cfg["eval_split"], image_size=image_size)
+    return IndexedDataset(train), IndexedDataset(_Subset(held_out, cfg.get("eval_size")))
+
+
+class _Subset(Dataset):
+    """The first ``limit`` samples (all when ``limit`` is None)."""
+
+    def __init__(self, dataset: Dataset, limit: int | None) -> None:
+        self.dataset = dataset
+        n = len(dataset)  # type: ignore[arg-type]
+        self.length = n if limit is None else min(int(limit), n)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} samples")
+        return self.dataset[index]
+
+
+def corpus(dataset: Dataset, *, num_samples: int) -> Iterator[str]:
+    """Texts to train the tokenizer on: prompts and answers for the first ``num_samples``
+    expressions of ``dataset`` (the chat delimiters and TRP tags are added tokens)."""
+    n = min(num_samples, len(dataset))  # type: ignore[arg-type]
+    for i in range(n):
+        sample = dataset[i]
+        expr = clean_expression(str(sample["expression"]))
+        for unit, prompt in PROMPTS.items():
+            yield f"user\n\n{prompt.format(expr)}\nassistant\n"
+            yield format_rec(expr, unit=unit).text
+
+
+class ReferringDataModule(L.LightningDataModule):
+    """Train / held-out loaders over referring datasets with the recipe's collate functions.
+
+    Args:
+        train, held_out: datasets; train_collate, eval_collate: their collate callables.
+        batch_size, eval_batch_size: loader batch sizes; num_workers: loader workers (the
+            collate runs in them, tokenisation included).
+    """
+
+    def __init__(
+        self,
+        *,
+        train: Dataset,
+        held_out: Dataset,
+        train_collate: Callable,
+        eval_collate: Callable,
+        batch_size: int,
+        eval_batch_size: int,
+        num_workers: int = 1,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError("batch sizes must be >= 1")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.train_set, self.held_out = train, held_out
+        self.train_collate, self.eval_collate = train_collate, eval_collate
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers = num_workers
+
+    def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=train and self.num_workers > 0,
+            collate_fn=self.train_collate if train else self.eval_collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.held_out, train=False)

@@ -1,0 +1,313 @@
+"""``ReferringModule``: the LightningModule that trains and evaluates a :class:`ReferringVLM`.
+
+Training loss = token cross-entropy over the answer (text ⊕ the sample's own VRTs, with PaDT's
+robust exclusion of the object's other target patches, fused in
+:func:`trp.ops.vrt_linear_cross_entropy`) + box losses (:class:`trp.losses.BoxCriterion`) +
+mask losses (:class:`trp.losses.MaskCriterion`) of every target through every head.
+
+Evaluation (``test``) generates the answer greedily under the grammar constraint, decodes the
+parsed targets and accumulates REC (box head) and RES (mask head) metrics; per-sample
+predictions are kept for JSON output and overlays.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from trp.losses import BoxCriterion, MaskCriterion, box_cxcywh_to_xyxy
+from trp.metrics import RECMetric, RESMetric
+from trp.models.vlm import ReferringVLM
+from trp.ops import vrt_linear_cross_entropy
+from trp.vrt import robust_exclusions
+
+__all__ = ["ReferringModule", "WarmupCosine"]
+
+
+class WarmupCosine:
+    """LR factor: linear warm-up, then cosine decay to ``min_ratio``.
+
+    Progress is the larger of the step fraction (of ``total_steps``) and, with
+    ``time_budget_s``, the fraction of the wall-clock budget spent since the first call, so a
+    run stopped by a time limit has annealed by then.
+    """
+
+    def __init__(
+        self,
+        *,
+        warmup_steps: int,
+        total_steps: int,
+        min_ratio: float,
+        time_budget_s: float | None = None,
+    ) -> None:
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_ratio = min_ratio
+        self.time_budget_s = time_budget_s
+        self.start: float | None = None
+
+    def __call__(self, step: int) -> float:
+        if self.start is None:
+            self.start = time.monotonic()
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = self.total_steps - self.warmup_steps
+        progress = (step - self.warmup_steps) / span if span > 0 else 0.0
+        if self.time_budget_s:
+            progress = max(progress, (time.monotonic() - self.start) / self.time_budget_s)
+        progress = min(1.0, progress)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ReferringModule(L.LightningModule):
+    """Lightning wrapper of a :class:`ReferringVLM`.
+
+    Args:
+        model: the VLM.
+        optim: ``lr``, ``weight_decay``, ``warmup_steps``, ``betas`` and ``min_lr_ratio``
+            (cosine decay to ``lr * min_lr_ratio`` over the trainer's ``max_steps``).
+        loss: weights ``token``, ``box_l1``, ``box_giou``, ``box_score``, ``mask_ce``,
+            ``mask_dice`` and ``mask_points`` (points sampled per mask).
+        eval: ``max_new_tokens``, ``constrained`` and ``mask_threshold``.
+        target: ``"vrt"`` or ``"ref"`` (which target kinds generation may use).
+        time_budget_s: the training wall-clock budget; with ``optim.schedule_by_time`` the
+            cosine schedule ends when it is spent (runs stopped by ``max_time`` still anneal).
+        keep_images: held-out predictions that keep their image (for overlays).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: ReferringVLM,
+        optim: Mapping[str, Any],
+        loss: Mapping[str, Any],
+        eval: Mapping[str, Any],
+        target: str = "vrt",
+        time_budget_s: float | None = None,
+        keep_images: int = 8,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optim = dict(optim)
+        self.loss_cfg = dict(loss)
+        self.eval_cfg = dict(eval)
+        self.target = target
+        self.time_budget_s = time_budget_s
+        self.keep_images = keep_images
+        self.box_criterion = BoxCriterion(
+            weight_l1=float(loss["box_l1"]),
+            weight_giou=float(loss["box_giou"]),
+            weight_score=float(loss["box_score"]),
+        )
+        self.mask_criterion = MaskCriterion(
+            weight_ce=float(loss["mask_ce"]),
+            weight_dice=float(loss["mask_dice"]),
+            num_points=int(loss["mask_points"]),
+        )
+        self.rec = RECMetric()
+        self.res = RESMetric()
+        self.predictions: list[dict[str, Any]] = []
+
+    def transfer_batch_to_device(
+        self, batch: dict, device: torch.device, dataloader_idx: int
+    ) -> dict:
+        # Only the top-level tensors move: parses are frozen dataclasses Lightning cannot walk,
+        # and the robust-loss bookkeeping is consumed on the host.
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ training
+    def token_loss(self, out: dict, batch: dict) -> Tensor:
+        """Mean robust cross-entropy over the answer tokens (position t predicts label t + 1)."""
+        hidden = out["hidden"][:, :-1]  # B x L-1 x D
+        labels = batch["labels"][:, 1:]  # B x L-1
+        b, n = labels.shape
+        active = labels != -100
+        flat_labels = labels.reshape(-1)
+        base = self.model.vrt_base
+        # Label index of a sequence position p is p - 1 (the state before it predicts it).
+        objects = [
+            ([s * n + p - 1 for p in positions], patches)
+            for s, (positions, patches) in enumerate(batch["objects"])
+            if positions
+        ]
+        offsets, ids = robust_exclusions(flat_labels.cpu(), objects, vrt_base=base)
+        # Keep only the answer tokens: the loss is a mean over them and the rest is padding.
+        keep = active.reshape(-1).nonzero().flatten()
+        counts = offsets[1:] - offsets[:-1]
+        kept_counts = counts[keep.cpu()]
+        starts = offsets[:-1][keep.cpu()]
+        kept_ids = (
+            torch.cat([ids[s : s + c] for s, c in zip(starts.tolist(), kept_counts.tolist())])
+            if int(kept_counts.sum())
+            else ids[:0]
+        )
+        kept_offsets = torch.cat([kept_counts.new_zeros(1), kept_counts.cumsum(0)])
+        sample_index = torch.arange(b, device=labels.device).repeat_interleave(n)[keep]
+        binding = out["binding"]
+        dev = hidden.device
+        return vrt_linear_cross_entropy(
+            hidden.reshape(b * n, -1)[keep].float(),
+            self.model.lm_head.weight[:base].float(),
+            out["prototypes"].float(),
+            sample_index,
+            binding.sample_offsets.to(dev),
+            flat_labels[keep],
+            exclude_offsets=kept_offsets.to(dev),
+            exclude_ids=kept_ids.to(dev),
+        )
+
+    def head_losses(self, heads: dict, targets, batch: dict) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        sample = targets.sample
+        if "box" in heads:
+            box_out = {
+                **heads["box"],
+                "boxes": heads["box"]["boxes"].float(),
+                "scores": heads["box"]["scores"].float(),
+            }
+            box_out["aux"] = [{k: v.float() for k, v in a.items()} for a in box_out["aux"]]
+            part = self.box_criterion(box_out, {"boxes": batch["boxes"][sample]})
+            losses.update({f"box/{k}": v for k, v in part.items()})
+        if "mask" in heads:
+            mask_out = {
+                **heads["mask"],
+                "masks": heads["mask"]["masks"].float(),
+                "mask_embed": heads["mask"]["mask_embed"].float(),
+                "pixel_features": heads["mask"]["pixel_features"].float(),
+            }
+            part = self.mask_criterion(mask_out, {"masks": batch["masks_small"][sample]})
+            losses.update({f"mask/{k}": v for k, v in part.items()})
+        return losses
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        out = self.model(
+            batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"]
+        )
+        # The losses run in fp32: the fused loss ops take one dtype and autocast would hand
+        # them bf16 intermediates.
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            token = self.token_loss(out, batch) * float(self.loss_cfg["token"])
+            losses = {"token": token, **self.head_losses(out["heads"], out["targets"], batch)}
+        total = sum(losses.values())
+        bs = batch["images"].shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=bs)
+        self.log("train/token", token, prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "token"}, batch_size=bs)
+        return total
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict_batch(self, batch: dict) -> list[dict[str, Any]]:
+        """Generate, decode and return one prediction dict per sample (boxes in xyxy pixels,
+        masks as bool ``[H, W]``; a sample whose answer has no target gets an empty box/mask)."""
+        gen, out = self.model.generate(
+            batch["images"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            max_new_tokens=int(self.eval_cfg["max_new_tokens"]),
+            constrained=bool(self.eval_cfg["constrained"]),
+            allow_ref=self.target == "ref",
+            allow_vrt=self.target == "vrt",
+        )
+        targets, heads = out["targets"], out["heads"]
+        b = batch["images"].shape[0]
+        h, w = self.model.image_size
+        first: dict[int, int] = {}
+        for q, s in enumerate(targets.sample.tolist()):
+            first.setdefault(s, q)
+        boxes = torch.zeros(b, 4)
+        masks = torch.zeros(b, h, w, dtype=torch.bool)
+        scores = torch.full((b,), float("nan"))
+        found = torch.zeros(b, dtype=torch.bool)
+        if first:
+            rows = torch.tensor(list(first.values()))
+            samples = torch.tensor(list(first.keys()))
+            found[samples] = True
+            if "box" in heads:
+                xyxy = box_cxcywh_to_xyxy(heads["box"]["boxes"][rows].float().cpu())
+                boxes[samples] = xyxy.clamp(0, 1) * torch.tensor([w, h, w, h])
+                scores[samples] = heads["box"]["scores"][rows].float().sigmoid().cpu()
+            if "mask" in heads:
+                logits = F.interpolate(
+                    heads["mask"]["masks"][rows].float()[:, None],
+                    size=(h, w),
+                    mode="bilinear",
+                    align_corners=False,
+                )[:, 0]
+                masks[samples] = logits.cpu().sigmoid() > float(self.eval_cfg["mask_threshold"])
+        preds = []
+        for i in range(b):
+            keep = len(self.predictions) + i < self.keep_images
+            preds.append(
+                {
+                    "image": batch["images"][i].cpu() if keep else None,
+                    "index": int(batch["index"][i]),
+                    "expression": batch["expressions"][i],
+                    "unit": batch["units"][i],
+                    "answer": gen.texts[i],
+                    "parsed": gen.parses[i] is not None,
+                    "found": bool(found[i]),
+                    "box": boxes[i].tolist(),
+                    "score": None if math.isnan(float(scores[i])) else float(scores[i]),
+                    "mask": masks[i],
+                    "target_box": batch["boxes_xyxy"][i].tolist(),
+                    "target_mask": batch["masks"][i].cpu(),
+                }
+            )
+        return preds
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        preds = self.predict_batch(batch)
+        pred_boxes = torch.tensor([p["box"] for p in preds])
+        self.rec.update(pred_boxes, batch["boxes_xyxy"].float().cpu())
+        self.res.update(torch.stack([p["mask"] for p in preds]), batch["masks"].cpu())
+        self.predictions.extend(preds)
+
+    def on_test_epoch_start(self) -> None:
+        self.predictions = []
+        self.rec.reset()
+        self.res.reset()
+
+    def on_test_epoch_end(self) -> None:
+        metrics = {f"rec/{k}": v for k, v in self.rec.compute().items()}
+        metrics.update({f"res/{k}": v for k, v in self.res.compute().items()})
+        parsed = torch.tensor([float(p["parsed"]) for p in self.predictions])
+        metrics["answers/parsed"] = parsed.mean() if parsed.numel() else torch.tensor(0.0)
+        self.log_dict(
+            {k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()},
+            sync_dist=False,
+        )
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        lr = float(self.optim["lr"])
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.dim() < 2 or "norm" in name or "embed" in name else decay).append(p)
+        opt = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": float(self.optim["weight_decay"])},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=lr,
+            betas=tuple(self.optim.get("betas", (0.9, 0.999))),
+        )
+        warmup = int(self.optim["warmup_steps"])
+        total = max(int(self.trainer.max_steps), warmup + 1) if self.trainer.max_steps > 0 else 0
+        schedule = WarmupCosine(
+            warmup_steps=warmup,
+            total_steps=total,
+            min_ratio=float(self.optim.get("min_lr_ratio", 0.1)),
+            time_budget_s=self.time_budget_s if self.optim.get("schedule_by_time") else None,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

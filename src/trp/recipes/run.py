@@ -1,0 +1,261 @@
+"""One-call entry points of the recipes: :func:`train` (fit, save, evaluate) and :func:`evaluate`.
+
+Both take a composed config (``examples/train.py`` composes it with Hydra from the packaged
+``trp.configs``; :func:`compose` does the same from Python). Outputs go to ``cfg.output_dir``:
+``checkpoint/`` (safetensors + config + tokenizer), ``metrics.json``, ``predictions.json``,
+``overlays/*.png`` and the CSV (optionally TensorBoard) logs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from trp.models.build import build_tokenizer, build_vlm
+from trp.models.vlm import ReferringVLM
+from trp.recipes.checkpoint import load_checkpoint, save_checkpoint
+from trp.recipes.config import validate_config
+from trp.recipes.conversation import ReferringCollator
+from trp.recipes.data import ReferringDataModule, build_datasets, corpus
+from trp.recipes.module import ReferringModule
+from trp.recipes.overlays import save_overlays
+
+__all__ = ["compose", "evaluate", "format_metrics", "parse_max_time", "train"]
+
+
+def compose(overrides: Sequence[str] = (), *, config_name: str = "train") -> DictConfig:
+    """Compose the packaged config with Hydra overrides (as on the command line)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module="trp.configs", version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def parse_max_time(value: str | None) -> float | None:
+    """``"DD:HH:MM:SS"`` -> seconds (None stays None)."""
+    if value is None:
+        return None
+    d, h, m, s = (int(p) for p in str(value).split(":"))
+    return float(((d * 24 + h) * 60 + m) * 60 + s)
+
+
+def _collators(cfg: DictConfig, tokenizer, grid: int) -> tuple[ReferringCollator, ...]:
+    common = {
+        "tokenizer": tokenizer,
+        "grid": (grid, grid),
+        "image_size": (cfg.model.image_size, cfg.model.image_size),
+        "target": cfg.recipe.target,
+        "num_vrt": int(cfg.recipe.num_vrt),
+    }
+    return (
+        ReferringCollator(**common, with_answers=True),
+        ReferringCollator(**common, with_answers=False),
+    )
+
+
+def _datamodule(cfg: DictConfig, model: ReferringVLM, train_set, held_out) -> ReferringDataModule:
+    train_collate, eval_collate = _collators(cfg, model.tokenizer, model.grid[0])
+    return ReferringDataModule(
+        train=train_set,
+        held_out=held_out,
+        train_collate=train_collate,
+        eval_collate=eval_collate,
+        batch_size=int(cfg.data.batch_size),
+        eval_batch_size=int(cfg.eval.batch_size),
+        num_workers=int(cfg.data.num_workers),
+    )
+
+
+def _module(cfg: DictConfig, model: ReferringVLM) -> ReferringModule:
+    return ReferringModule(
+        model=model,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        loss=OmegaConf.to_container(cfg.loss, resolve=True),
+        eval=OmegaConf.to_container(cfg.eval, resolve=True),
+        target=cfg.recipe.target,
+        time_budget_s=parse_max_time(cfg.trainer.max_time),
+        keep_images=int(cfg.eval.num_overlays),
+    )
+
+
+def _trainer(cfg: DictConfig, output_dir: Path, *, logger: bool = True) -> L.Trainer:
+    t = cfg.trainer
+    strategy: Any = t.strategy
+    if t.strategy == "ddp" and t.process_group_backend:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend=t.process_group_backend)
+    loggers: list[Any] = []
+    if logger and cfg.logger.csv:
+        from lightning.pytorch.loggers import CSVLogger
+
+        loggers.append(CSVLogger(str(output_dir), name="logs"))
+    if logger and cfg.logger.tensorboard:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(str(output_dir), name="tensorboard"))
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        precision=t.precision,
+        max_steps=int(t.max_steps),
+        max_time=t.max_time,
+        log_every_n_steps=int(t.log_every_n_steps),
+        gradient_clip_val=t.gradient_clip_val,
+        enable_progress_bar=bool(t.enable_progress_bar),
+        enable_checkpointing=False,
+        logger=loggers or False,
+        default_root_dir=str(output_dir),
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+    )
+
+
+def _setup(cfg: DictConfig) -> None:
+    validate_config(cfg)
+    torch.set_num_threads(int(cfg.threads))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """A two-column text table of ``metrics``."""
+    width = max(len(k) for k in metrics) if metrics else 6
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    lines += [f"{k:<{width}}  {v:.4f}" for k, v in metrics.items()]
+    return "\n".join(lines)
+
+
+def _run_eval(
+    trainer: L.Trainer,
+    module: ReferringModule,
+    datamodule: ReferringDataModule,
+    output_dir: Path,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """``trainer.test`` on the held-out set, then metrics.json / predictions.json / overlays."""
+    results = trainer.test(module, datamodule=datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    summary = {"metrics": metrics, "samples": len(datamodule.held_out), **extra}
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write_predictions(module.predictions, output_dir / "predictions.json")
+        overlays = save_overlays(
+            [
+                {
+                    "image": p["image"],
+                    "box": p["box"],
+                    "target_box": p["target_box"],
+                    "mask": p["mask"],
+                    "name": f"sample_{p['index']:04d}",
+                    "text": f"{p['expression']} -> {p['answer']}",
+                }
+                for p in module.predictions
+                if p["image"] is not None
+            ],
+            output_dir / "overlays",
+        )
+        summary["overlays"] = [str(p) for p in overlays]
+        print("\n" + format_metrics(metrics))
+        print(f"\nmetrics: {output_dir / 'metrics.json'}")
+        print(f"predictions: {output_dir / 'predictions.json'}")
+        print("overlays:\n" + "\n".join(f"  {p}" for p in overlays))
+    return summary
+
+
+def _write_predictions(predictions: list[dict[str, Any]], path: Path) -> None:
+    from pycocotools import mask as mask_utils
+
+    from trp.metrics import paired_box_iou
+
+    rows = []
+    for p in predictions:
+        iou = float(paired_box_iou(torch.tensor([p["box"]]), torch.tensor([p["target_box"]]))[0])
+        m, t = p["mask"], p["target_mask"]
+        union = int((m | t).sum())
+        rle = mask_utils.encode(m.numpy().astype("uint8", order="F").copy(order="F"))
+        rows.append(
+            {
+                "index": p["index"],
+                "expression": p["expression"],
+                "unit": p["unit"],
+                "answer": p["answer"],
+                "parsed": p["parsed"],
+                "found": p["found"],
+                "box": [round(v, 2) for v in p["box"]],
+                "score": p["score"],
+                "target_box": [round(v, 2) for v in p["target_box"]],
+                "box_iou": round(iou, 4),
+                "mask_iou": round(int((m & t).sum()) / union, 4) if union else 0.0,
+                "mask_rle": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
+            }
+        )
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train the recipe of ``cfg``, save the checkpoint, evaluate on the held-out set.
+
+    Returns the summary written to ``metrics.json`` (``metrics``, ``steps``, ``train_seconds``,
+    ``checkpoint``, ``overlays``).
+    """
+    _setup(cfg)
+    output_dir = Path(cfg.output_dir)
+    image_size = int(cfg.model.image_size)
+    train_set, held_out = build_datasets(cfg.data, image_size=image_size)
+    tok_cfg = cfg.model.tokenizer
+    texts = None if tok_cfg.dir else corpus(train_set, num_samples=int(tok_cfg.corpus_samples))
+    tokenizer = build_tokenizer(tok_cfg, texts)
+    model = build_vlm(OmegaConf.to_container(cfg.model, resolve=True), tokenizer=tokenizer)
+    module = _module(cfg, model)
+    datamodule = _datamodule(cfg, model, train_set, held_out)
+    trainer = _trainer(cfg, output_dir)
+    start = time.monotonic()
+    trainer.fit(module, datamodule=datamodule)
+    seconds = time.monotonic() - start
+    checkpoint = output_dir / "checkpoint"
+    if trainer.is_global_zero:
+        save_checkpoint(model, cfg, checkpoint)
+    extra = {
+        "recipe": cfg.recipe.name,
+        "steps": int(trainer.global_step),
+        "train_seconds": round(seconds, 1),
+        "checkpoint": str(checkpoint),
+    }
+    if trainer.is_global_zero:
+        print(f"\ntrained {trainer.global_step} steps in {seconds:.0f} s; checkpoint: {checkpoint}")
+    return _run_eval(trainer, module, datamodule, output_dir, extra)
+
+
+def evaluate(checkpoint: str | Path, cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate a :func:`save_checkpoint` directory on the held-out set of ``cfg.data``.
+
+    The model, tokenizer and recipe come from the checkpoint; data, eval and trainer settings
+    from ``cfg``. Writes ``metrics.json`` and ``predictions.json`` to ``cfg.output_dir``.
+    """
+    model, saved = load_checkpoint(checkpoint)
+    with open_dict(cfg):
+        cfg.model = saved.model
+        cfg.recipe = saved.recipe
+    _setup(cfg)
+    _, held_out = build_datasets(cfg.data, image_size=int(cfg.model.image_size))
+    module = _module(cfg, model)
+    datamodule = _datamodule(cfg, model, held_out, held_out)
+    trainer = _trainer(cfg, Path(cfg.output_dir), logger=False)
+    return _run_eval(
+        trainer,
+        module,
+        datamodule,
+        Path(cfg.output_dir),
+        {"recipe": cfg.recipe.name, "checkpoint": str(checkpoint)},
+    )
