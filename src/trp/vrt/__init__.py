@@ -8,6 +8,7 @@ per sample, and :mod:`trp.vrt.targets` picks target patches from masks and boxes
 """
 
 from trp.vrt.binding import ImageBinding
+from trp.vrt.causal_lm import VRTCausalLM, VRTGeneration
 from trp.vrt.embedding import VRTEmbedding
 from trp.vrt.head import VRTHead
 from trp.vrt.prototypes import VRTPrototypes
@@ -24,7 +25,9 @@ from trp.vrt.targets import (
 __all__ = [
     "ImageBinding",
     "SamplingMode",
+    "VRTCausalLM",
     "VRTEmbedding",
+    "VRTGeneration",
     "VRTHead",
     "VRTPrototypes",
     "box_coverage",
