@@ -236,6 +236,11 @@ def sample_scene(
         min_radius, max_radius: circumradius range as fractions of ``min(height, width)``.
         min_visible_fraction: the least visible fraction of every shape, in ``[0, 1)``.
         max_attempts: placement attempts per shape.
+
+    Raises:
+        ValueError: out-of-range arguments.
+        RuntimeError: 100 scenes in a row could not hold ``min_shapes`` shapes (only settings
+            that leave no room, e.g. many large shapes in a small image, get there).
     """
     if height < 16 or width < 16:
         raise ValueError(f"image size must be at least 16x16, got {height}x{width}")
