@@ -150,5 +150,7 @@ def test_bad_inputs_raise(scenes):
     bad[0]["scores"] = bad[0]["scores"][:0]
     with pytest.raises(ValueError, match="'scores' has"):
         coco_evaluate(bad, scenes[:1])
+    with pytest.raises(TypeError, match="'labels' must be a Tensor"):
+        coco_evaluate([{**_perfect(scenes[:1])[0], "labels": [0]}], scenes[:1])
     with pytest.raises(ValueError, match="unknown iou_type"):
         COCOMetric(iou_type="mask")

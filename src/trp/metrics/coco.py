@@ -68,10 +68,15 @@ def _check_image(pred: dict, target: dict, iou_type: str, i: int) -> None:
         missing = [k for k in keys if k not in d]
         if missing:
             raise KeyError(f"{what} {i} lacks {missing} (needed for iou_type={iou_type!r})")
-    n, m = len(target["labels"]), len(pred["labels"])
+    for what, d in (("target", target), ("prediction", pred)):
+        for key in _PER_INSTANCE_KEYS & d.keys():
+            if not isinstance(d[key], Tensor):
+                raise TypeError(
+                    f"{what} {i}: {key!r} must be a Tensor, got {type(d[key]).__name__}")
+    n, m = target["labels"].shape[0], pred["labels"].shape[0]
     for what, d, count in (("target", target, n), ("prediction", pred, m)):
         for key in _PER_INSTANCE_KEYS & d.keys():
-            value = torch.as_tensor(d[key])
+            value = d[key]
             if value.shape[:1] != (count,):
                 raise ValueError(f"{what} {i}: {key!r} has {tuple(value.shape)[:1]} rows, "
                                  f"labels has {count}")
