@@ -287,3 +287,31 @@ def test_bind_errors():
         VRTCausalLM(model=vlm.model)
     with pytest.raises(TypeError, match="visual encoder"):
         vlm.image_features(torch.zeros(1), torch.zeros(1, 3))
+
+
+def test_training_step_with_fused_loss_reaches_prototypes():
+    from trp.ops import vrt_linear_cross_entropy
+
+    model = qwen2(False)
+    vlm = VRTCausalLM(model=model, vrt_base=vrt_base_of(tokenizer()))
+    binding, features = batch_binding()
+    base = vlm.vrt_base
+    # answers holding VRTs of each sample's own patches (labels = next token ids)
+    ids = torch.tensor(
+        [[5, base + 1, base + 4, 7], [9, base + 5, 3, base + 0], [2, 4, base + 2, 8]]
+    )
+    with vlm.bind(binding=binding, features=features) as protos:
+        hidden = model.model(input_ids=ids).last_hidden_state  # R x L x D, VRT inputs embedded
+        loss = vrt_linear_cross_entropy(
+            hidden[:, :-1].flatten(0, 1),
+            model.lm_head.weight[:base],
+            protos,
+            torch.arange(3).repeat_interleave(3),
+            binding.sample_offsets,
+            ids[:, 1:].flatten(),
+        )
+        logits = model(input_ids=ids).logits[:, :-1]  # the wrapped head: same vocabulary
+    eager = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(loss, eager, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    assert vlm.prototypes.norm.weight.grad.abs().sum() > 0
