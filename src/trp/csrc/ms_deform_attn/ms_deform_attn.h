@@ -137,6 +137,23 @@ C10_HOST_DEVICE inline acc_t forward_channel(const Levels& lv, const scalar_t* v
   return out;
 }
 
+// <a, b> over n elements with four independent partial sums: without -ffast-math one running sum
+// is a serial dependency chain that the compiler may not reorder into vector lanes.
+template <typename acc_t, typename scalar_t>
+C10_HOST_DEVICE inline acc_t dot_product(const scalar_t* a, const scalar_t* b, int64_t n) {
+  acc_t s[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    for (int j = 0; j < 4; ++j) {
+      s[j] += static_cast<acc_t>(a[i + j]) * static_cast<acc_t>(b[i + j]);
+    }
+  }
+  for (; i < n; ++i) {
+    s[0] += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
+  }
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
 // Backward of one (n, q, m). Writes grad_loc ([L, P, 2]) and grad_attn ([L, P]) of this
 // (n, q, m) and adds into grad_value_nm (value's layout, opmath type) through `add`, which is a
 // plain += where the caller owns grad_value[n, :, m, :] and an atomic add where it does not.
@@ -165,12 +182,10 @@ C10_HOST_DEVICE inline void backward_query_head(const Levels& lv, const scalar_t
         const scalar_t* v = level + f.row[c] * lv.row_stride;
         acc_t* gv = grad_level + f.row[c] * lv.row_stride;
         const acc_t wa = a * f.weight[c];
-        acc_t dot = acc_t(0);  // <grad_out, value row of this corner>
         for (int64_t d = 0; d < D; ++d) {
-          const acc_t g = static_cast<acc_t>(grad_out[d]);
-          dot += g * static_cast<acc_t>(v[d]);
-          add(gv + d, wa * g);
+          add(gv + d, wa * static_cast<acc_t>(grad_out[d]));
         }
+        const acc_t dot = dot_product<acc_t>(grad_out, v, D);
         g_attn += f.weight[c] * dot;
         g_x += f.dweight_dx[c] * dot;
         g_y += f.dweight_dy[c] * dot;
