@@ -1,0 +1,65 @@
+"""Small layers shared by the decoder heads: MLP, 2-D sine-cosine positions, inverse sigmoid."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MLP", "inverse_sigmoid", "sine_position_embedding"]
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (DETR's box MLP)."""
+
+    def __init__(self, *, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """logit(x) clamped away from 0 and 1 so refinement deltas stay finite."""
+    x = x.clamp(min=0.0, max=1.0)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def sine_position_embedding(
+    height: int,
+    width: int,
+    dim: int,
+    *,
+    temperature: float = 10000.0,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """2-D sine-cosine position embedding of an ``height x width`` grid, ``Tensor[dim, H, W]``.
+
+    DETR's ``PositionEmbeddingSine(normalize=True)``: half of the channels encode y, half x,
+    from normalised cell centres, so grids of different sizes share one coordinate frame.
+    """
+    if dim % 4:
+        raise ValueError(f"position embedding dim must be divisible by 4, got {dim}")
+    quarter = dim // 4
+    y = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height * 2 * math.pi
+    x = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width * 2 * math.pi
+    freq = temperature ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    py = y[:, None] / freq  # H x dim/4
+    px = x[:, None] / freq  # W x dim/4
+    py = torch.cat([py.sin(), py.cos()], dim=1)  # H x dim/2
+    px = torch.cat([px.sin(), px.cos()], dim=1)  # W x dim/2
+    pos = torch.cat(
+        [py[:, None, :].expand(height, width, -1), px[None, :, :].expand(height, width, -1)],
+        dim=2,
+    )  # H x W x dim
+    return pos.permute(2, 0, 1).to(dtype)

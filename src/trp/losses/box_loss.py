@@ -1,0 +1,116 @@
+"""``BoxCriterion``: L1 + GIoU box losses and a box-quality score loss, with group matching."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trp.losses.group_matcher import GroupMatcher
+from trp.ops import box_iou, generalized_box_iou
+
+__all__ = ["BoxCriterion", "box_cxcywh_to_xyxy"]
+
+ScoreTarget = Literal["giou", "iou"]
+
+
+def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """``[..., 4]`` cxcywh -> xyxy."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+class BoxCriterion(nn.Module):
+    """Losses of :class:`trp.heads.BoxHead` (PaDT / DETR recipe).
+
+    * ``loss_bbox``: ``weight_l1 ·`` L1 of matched cxcywh boxes,
+    * ``loss_giou``: ``weight_giou ·`` (1 − GIoU),
+      both summed over matched pairs and divided by the number of target boxes (>= 1);
+    * ``loss_score``: ``weight_score ·`` mean over matched pairs of the score regressed to the
+      detached box quality: ``score_target="giou"`` (PaDT): MSE of ``sigmoid(s)·2 − 1`` to GIoU;
+      ``"iou"``: BCE of ``sigmoid(s)`` to IoU.
+
+    With ``aux_loss`` every earlier decoder layer gets the same losses, keys suffixed ``_{i}``.
+    Matching is per layer, inside groups (see :class:`trp.losses.GroupMatcher`).
+    """
+
+    def __init__(
+        self,
+        *,
+        weight_l1: float = 5.0,
+        weight_giou: float = 2.0,
+        weight_score: float = 1.0,
+        score_target: ScoreTarget = "giou",
+        aux_loss: bool = True,
+        matcher: GroupMatcher | None = None,
+    ) -> None:
+        super().__init__()
+        if score_target not in ("giou", "iou"):
+            raise ValueError(f"score_target must be 'giou' or 'iou', got {score_target!r}")
+        self.weight_l1 = weight_l1
+        self.weight_giou = weight_giou
+        self.weight_score = weight_score
+        self.score_target: ScoreTarget = score_target
+        self.aux_loss = aux_loss
+        self.matcher = matcher if matcher is not None else GroupMatcher()
+
+    def _single(
+        self,
+        boxes: Tensor,
+        scores: Tensor,
+        targets: dict,
+        pred_group: Tensor | None,
+        num_boxes: float,
+    ) -> dict[str, Tensor]:
+        tgt_boxes = targets["boxes"].to(boxes)
+        pi, ti = self.matcher(boxes, tgt_boxes, pred_group, targets.get("group"))
+        pi, ti = pi.to(boxes.device), ti.to(boxes.device)
+        src, tgt = boxes[pi], tgt_boxes[ti]
+        loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
+        src_xyxy, tgt_xyxy = box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)
+        giou = torch.diagonal(generalized_box_iou(src_xyxy, tgt_xyxy)) if len(pi) else src[:, 0]
+        loss_giou = (1 - giou).sum() / num_boxes
+        s = scores[pi]
+        if not len(pi):
+            loss_score = s.sum()
+        elif self.score_target == "giou":
+            loss_score = F.mse_loss(s.sigmoid() * 2 - 1, giou.detach())
+        else:
+            iou = torch.diagonal(box_iou(src_xyxy.detach(), tgt_xyxy))
+            loss_score = F.binary_cross_entropy_with_logits(s, iou)
+        return {
+            "loss_bbox": self.weight_l1 * loss_bbox,
+            "loss_giou": self.weight_giou * loss_giou,
+            "loss_score": self.weight_score * loss_score,
+        }
+
+    def forward(
+        self, predictions: dict, targets: dict, *, pred_group: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Compute the losses.
+
+        Args:
+            predictions: :class:`BoxHead` output (``boxes`` [N, 4], ``scores`` [N], ``aux``).
+            targets: ``boxes`` (Tensor[G, 4], normalised cxcywh) and optionally ``group``
+                (Tensor[G], int64: the triplet each target belongs to).
+            pred_group (Tensor[N], int64, optional): the triplet of each prediction; without
+                groups predictions and targets pair one-to-one in order.
+        Returns:
+            ``loss_bbox``, ``loss_giou``, ``loss_score`` (weighted) and their ``_{i}`` aux copies.
+        """
+        if "boxes" not in targets:
+            raise KeyError("targets must hold 'boxes' [G, 4]")
+        tb = targets["boxes"]
+        if not isinstance(tb, Tensor) or tb.dim() != 2 or tb.shape[1] != 4:
+            raise ValueError("targets['boxes'] must have shape [G, 4]")
+        num_boxes = max(float(tb.shape[0]), 1.0)
+        losses = self._single(
+            predictions["boxes"], predictions["scores"], targets, pred_group, num_boxes
+        )
+        if self.aux_loss:
+            for i, aux in enumerate(predictions.get("aux", [])):
+                part = self._single(aux["boxes"], aux["scores"], targets, pred_group, num_boxes)
+                losses.update({f"{k}_{i}": v for k, v in part.items()})
+        return losses
