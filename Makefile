@@ -39,7 +39,7 @@ setup: $(EXTENSION)
 build: setup
 
 demo: setup
-	$(BIN)/python benchmarks/bench_match_cost.py --quick
+	$(BIN)/python examples/train.py
 
 lint: setup
 	$(BIN)/ruff check .

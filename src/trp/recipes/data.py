@@ -1,8 +1,10 @@
 """Datasets of the recipes and the LightningDataModule that batches them.
 
-``data.name``: ``"shapes"`` (synthetic referring scenes, offline) or ``"refcoco"`` (an lmms-eval
-RefCOCO parquet directory; ``data.root`` is required). lmms-eval ships only evaluation splits
-(val/test/testA/testB), so a RefCOCO recipe fine-tunes on one split and evaluates on another.
+``data.name``: ``"shapes"`` (synthetic referring scenes, offline), ``"refcoco"`` (an lmms-eval
+RefCOCO parquet directory; ``data.root`` is required) or ``"coco"`` (a COCO instances json +
+image directory; every instance becomes a referring sample whose expression is its category
+name). lmms-eval ships only evaluation splits (val/test/testA/testB), so a RefCOCO recipe
+fine-tunes on one split and evaluates on another.
 """
 
 from __future__ import annotations
@@ -14,13 +16,20 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from trp.data import REFCOCO_SPLITS, RefCOCODataset, ShapesDataset
+from trp.data import REFCOCO_SPLITS, CocoDataset, RefCOCODataset, ShapesDataset
 from trp.grammar import format_rec
 from trp.recipes.conversation import PROMPTS, clean_expression
 
-__all__ = ["DATASETS", "IndexedDataset", "ReferringDataModule", "build_datasets", "corpus"]
+__all__ = [
+    "DATASETS",
+    "CocoInstances",
+    "IndexedDataset",
+    "ReferringDataModule",
+    "build_datasets",
+    "corpus",
+]
 
-DATASETS: tuple[str, ...] = ("shapes", "refcoco")
+DATASETS: tuple[str, ...] = ("shapes", "refcoco", "coco")
 
 
 class IndexedDataset(Dataset):
@@ -61,6 +70,17 @@ def build_datasets(cfg: Mapping[str, Any], *, image_size: int) -> tuple[Dataset,
             num_samples=int(cfg["eval_size"]), seed=int(cfg["eval_seed"]), **common
         )
         return IndexedDataset(train), IndexedDataset(held_out)
+    if name == "coco":
+        for key in ("annotation_file", "image_dir"):
+            if not cfg.get(key):
+                raise ValueError(
+                    f"the coco dataset needs data.{key} (a COCO instances json and "
+                    "its image directory)"
+                )
+        coco = CocoInstances(
+            CocoDataset(cfg["annotation_file"], cfg["image_dir"]), image_size=image_size
+        )
+        return IndexedDataset(coco), IndexedDataset(_Subset(coco, cfg.get("eval_size")))
     root = cfg.get("root")
     if not root:
         raise ValueError(
@@ -76,6 +96,52 @@ def build_datasets(cfg: Mapping[str, Any], *, image_size: int) -> tuple[Dataset,
     train = RefCOCODataset(root, cfg["train_split"], image_size=image_size)
     held_out = RefCOCODataset(root, cfg["eval_split"], image_size=image_size)
     return IndexedDataset(train), IndexedDataset(_Subset(held_out, cfg.get("eval_size")))
+
+
+class CocoInstances(Dataset):
+    """One referring sample per instance of a :class:`trp.data.CocoDataset`: the expression is
+    the category name, image / box / mask are resized to ``image_size`` (square). With several
+    instances of a category in an image the expression is ambiguous; REC/RES then measure
+    whether the model picked this one."""
+
+    def __init__(self, dataset: CocoDataset, *, image_size: int) -> None:
+        self.dataset = dataset
+        self.image_size = image_size
+        coco = dataset.coco
+        self.items: list[tuple[int, int]] = []
+        for i, image_id in enumerate(dataset.image_ids):
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+            kept = [a for a in anns if not a.get("iscrowd", 0)]
+            self.items.extend((i, j) for j in range(len(kept)))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import torch
+        from torch.nn import functional as F
+
+        if not 0 <= index < len(self.items):
+            raise IndexError(f"index {index} out of range for {len(self.items)} instances")
+        i, j = self.items[index]
+        sample = self.dataset[i]
+        _, h, w = sample["image"].shape
+        size = (self.image_size, self.image_size)
+        image = F.interpolate(
+            sample["image"][None], size=size, mode="bilinear", align_corners=False, antialias=True
+        )[0].clamp_(0, 1)
+        mask = F.interpolate(sample["masks"][j][None, None].float(), size=size, mode="nearest")[
+            0, 0
+        ].bool()
+        scale = torch.tensor([size[1] / w, size[0] / h] * 2)
+        label = int(sample["labels"][j])
+        return {
+            "image": image,
+            "expression": self.dataset.category_names[label],
+            "box": sample["boxes"][j] * scale,
+            "mask": mask,
+            "image_id": sample["image_id"],
+        }
 
 
 class _Subset(Dataset):

@@ -75,7 +75,8 @@ class ReferringModule(L.LightningModule):
             (cosine decay to ``lr * min_lr_ratio`` over the trainer's ``max_steps``).
         loss: weights ``token``, ``box_l1``, ``box_giou``, ``box_score``, ``mask_ce``,
             ``mask_dice`` and ``mask_points`` (points sampled per mask).
-        eval: ``max_new_tokens``, ``constrained`` and ``mask_threshold``.
+        eval: ``max_new_tokens``, ``constrained``, ``mask_threshold`` and ``threads`` (intra-op
+            threads while evaluating).
         target: ``"vrt"`` or ``"ref"`` (which target kinds generation may use).
         time_budget_s: the training wall-clock budget; with ``optim.schedule_by_time`` the
             cosine schedule ends when it is spent (runs stopped by ``max_time`` still anneal).
@@ -114,6 +115,7 @@ class ReferringModule(L.LightningModule):
         self.rec = RECMetric()
         self.res = RESMetric()
         self.predictions: list[dict[str, Any]] = []
+        self._train_threads = torch.get_num_threads()
 
     def transfer_batch_to_device(
         self, batch: dict, device: torch.device, dataloader_idx: int
@@ -271,11 +273,16 @@ class ReferringModule(L.LightningModule):
         self.predictions.extend(preds)
 
     def on_test_epoch_start(self) -> None:
+        # Token-by-token decoding is many tiny matmuls: extra intra-op threads only add
+        # synchronisation (ruinous on a loaded machine), so evaluation has its own count.
+        self._train_threads = torch.get_num_threads()
+        torch.set_num_threads(int(self.eval_cfg.get("threads", self._train_threads)))
         self.predictions = []
         self.rec.reset()
         self.res.reset()
 
     def on_test_epoch_end(self) -> None:
+        torch.set_num_threads(self._train_threads)
         metrics = {f"rec/{k}": v for k, v in self.rec.compute().items()}
         metrics.update({f"res/{k}": v for k, v in self.res.compute().items()})
         parsed = torch.tensor([float(p["parsed"]) for p in self.predictions])

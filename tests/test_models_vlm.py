@@ -1,0 +1,219 @@
+"""The reference VLM: offline tokenizer, builders, teacher-forced forward, constrained
+generation, light heads, and checkpoint round trips."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from trp.data import ShapesDataset
+from trp.grammar import IMAGE, REF, TRP_SPECIAL_TOKENS, encode_text, vrt_base_of
+from trp.models import (
+    LightBoxHead,
+    LightMaskHead,
+    build_head,
+    build_vlm,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+)
+from trp.recipes import ReferringCollator, load_checkpoint, save_checkpoint
+from trp.recipes.data import IndexedDataset, corpus
+
+MODEL_CFG = {
+    "image_size": 64,
+    "patch_size": 16,
+    "prototype_rank": 8,
+    "vision": {
+        "name": "vit_tiny_patch16_224",
+        "embed_dim": 48,
+        "depth": 1,
+        "num_heads": 2,
+        "weights": None,
+    },
+    "language": {
+        "pretrained_dir": None,
+        "hidden_size": 48,
+        "intermediate_size": 96,
+        "num_layers": 1,
+        "num_heads": 2,
+        "num_kv_heads": 2,
+    },
+    "tokenizer": {"dir": None, "vocab_size": 400},
+    "heads": {
+        "box": {
+            "impl": "light",
+            "d_model": 32,
+            "n_heads": 2,
+            "dim_feedforward": 64,
+            "num_layers": 1,
+        },
+        "mask": {
+            "impl": "light",
+            "d_model": 32,
+            "n_heads": 2,
+            "dim_feedforward": 64,
+            "num_layers": 1,
+            "mask_dim": 8,
+        },
+    },
+}
+
+
+@cache
+def _dataset() -> IndexedDataset:
+    return IndexedDataset(ShapesDataset(num_samples=64, seed=3, image_size=64, task="rec"))
+
+
+@cache
+def _tokenizer():
+    return train_tokenizer(corpus(_dataset(), num_samples=40), vocab_size=400)
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_vlm(MODEL_CFG, tokenizer=_tokenizer()).eval()
+
+
+def _batch(model, *, with_answers: bool, target: str = "vrt", n: int = 4) -> dict:
+    collate = ReferringCollator(
+        tokenizer=model.tokenizer,
+        grid=model.grid,
+        image_size=model.image_size,
+        target=target,
+        with_answers=with_answers,
+    )
+    return collate([_dataset()[i] for i in range(n)])
+
+
+def test_tokenizer_is_trained_offline_with_trp_tokens(tmp_path) -> None:
+    tok = _tokenizer()
+    vocab = tok.get_vocab()
+    for t in (*TRP_SPECIAL_TOKENS, IMAGE, "<|im_start|>", "<|im_end|>"):
+        assert t in vocab
+    assert vrt_base_of(tok) == len(tok)
+    ids = encode_text(tok, "<Phrase>red circle</Phrase>(<Unit>box</Unit><|VRT_3|>).")
+    assert len(tok) + 3 in ids
+    assert (
+        tok.decode([i for i in ids if i < len(tok)])
+        == "<Phrase>red circle</Phrase>(<Unit>box</Unit>)."
+    )
+    again = load_tokenizer(save_tokenizer(tok, tmp_path / "tok"))
+    assert again.get_vocab() == vocab
+    with pytest.raises(ValueError, match="empty"):
+        train_tokenizer([])
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(["a b"], vocab_size=10)
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(tmp_path / "missing")
+
+
+def test_forward_gathers_one_query_run_per_target() -> None:
+    model = _model()
+    batch = _batch(model, with_answers=True)
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    b, length = batch["input_ids"].shape
+    assert out["hidden"].shape == (b, length, 48)
+    assert out["prototypes"].shape == (b * 16, 48)
+    targets = out["targets"]
+    assert sorted(targets.sample.tolist()) == list(range(b))
+    assert set(targets.units) <= {"box", "mask"}
+    # One query per VRT of each run.
+    runs = [len(p.triplets[0].targets[0].patches) for p in batch["parses"]]
+    assert targets.queries.shape == (sum(runs), 48)
+    assert out["heads"]["box"]["boxes"].shape == (b, 4)
+    assert out["heads"]["mask"]["masks"].shape == (b, 16, 16)
+    logits = model.logits(out["hidden"], out["prototypes"], out["binding"])
+    assert logits.shape == (b, length, model.vrt_base + 16)
+
+
+def test_ref_targets_query_the_ref_token_state() -> None:
+    model = _model()
+    batch = _batch(model, with_answers=True, target="ref")
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    ref = model.tokenizer.convert_tokens_to_ids(REF)
+    rows, cols = (batch["input_ids"] == ref).nonzero(as_tuple=True)
+    assert rows.tolist() == list(range(4))  # one <REF> per sample
+    sample = out["targets"].sample
+    assert torch.equal(out["targets"].queries, out["hidden"][sample, cols[sample]])
+    assert not out["targets"].is_vrt.any()
+
+
+def test_image_placeholders_must_cover_the_grid() -> None:
+    model = _model()
+    batch = _batch(model, with_answers=True)
+    fmap, patches, protos = model.encode_images(batch["images"])
+    ids = batch["input_ids"].clone()
+    ids[0, ids[0].tolist().index(model.image_id)] = model.pad_id
+    with pytest.raises(ValueError, match="16 <image> tokens"):
+        model.embed_inputs(ids, patches, protos, model.binding(ids.shape[0]))
+    with pytest.raises(ValueError, match="images must be"):
+        model.encode_images(torch.zeros(1, 3, 32, 32))
+
+
+def test_constrained_generation_always_parses() -> None:
+    model = _model()
+    batch = _batch(model, with_answers=False, n=3)
+    gen, out = model.generate(
+        batch["images"], batch["input_ids"], batch["attention_mask"], max_new_tokens=16
+    )
+    assert all(p is not None for p in gen.parses)
+    assert gen.ids.shape[0] == 3
+    assert gen.ids.shape[1] <= 16
+    n = len(out["targets"])
+    assert out["heads"]["box"]["boxes"].shape == (n, 4)
+
+
+def test_light_heads_shapes_and_empty_queries() -> None:
+    feats = [torch.randn(2, 24, 4, 4)]
+    box = LightBoxHead(
+        in_dim=16, in_channels=[24], d_model=32, n_heads=2, dim_feedforward=32, num_layers=1
+    )
+    mask = LightMaskHead(
+        in_dim=16,
+        in_channels=[24],
+        d_model=32,
+        n_heads=2,
+        dim_feedforward=32,
+        num_layers=1,
+        mask_dim=8,
+    )
+    q = torch.randn(5, 16)
+    image = torch.tensor([0, 0, 1, 1, 1])
+    obj = torch.tensor([0, 0, 1, 2, 2])
+    b = box(q, feats, image, object_index=obj, image_size=(64, 64))
+    assert b["boxes"].shape == (3, 4)
+    assert ((b["boxes"] > 0) & (b["boxes"] < 1)).all()
+    assert b["image_index"].tolist() == [0, 1, 1]
+    m = mask(q, feats, image, object_index=obj, image_size=(64, 64))
+    assert m["masks"].shape == (3, 16, 16)
+    assert m["pixel_features"].shape == (2, 8, 16, 16)
+    empty = box(q[:0], feats, image[:0], image_size=(64, 64))
+    assert empty["boxes"].shape == (0, 4)
+    with pytest.raises(IndexError):
+        box(q, feats, image + 5)
+
+
+def test_build_head_rejects_unknown_units_and_impls() -> None:
+    with pytest.raises(ValueError, match="no head for unit"):
+        build_head("points", {"impl": "light"}, in_dim=8, in_channels=[8])
+    with pytest.raises(ValueError, match="unknown box head impl"):
+        build_head("box", {"impl": "magic"}, in_dim=8, in_channels=[8])
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path) -> None:
+    model = _model()
+    cfg = OmegaConf.create({"model": MODEL_CFG, "recipe": {"name": "t", "target": "vrt"}})
+    save_checkpoint(model, cfg, tmp_path / "ck")
+    again, saved = load_checkpoint(tmp_path / "ck")
+    assert saved.recipe.name == "t"
+    batch = _batch(model, with_answers=True)
+    args = (batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    with torch.no_grad():
+        a, b = model(*args), again(*args)
+    assert torch.equal(a["hidden"], b["hidden"])
+    assert torch.equal(a["heads"]["box"]["boxes"], b["heads"]["box"]["boxes"])
+    assert torch.equal(a["heads"]["mask"]["masks"], b["heads"]["mask"]["masks"])
