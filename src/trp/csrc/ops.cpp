@@ -61,5 +61,16 @@ TORCH_LIBRARY(trp, m) {
       "Tensor prototypes, Tensor sample_index, Tensor proto_offsets, Tensor labels, "
       "Tensor exclude_offsets, Tensor exclude_ids, Tensor lse, int ignore_index, int chunk_size) "
       "-> (Tensor, Tensor, Tensor)");
+  // soft_argmax: heatmaps [B, K, H, W], beta -> (coords [B, K, 2] (x, y) in [0, 1],
+  // logsumexp [B, K] of beta * heatmaps, saved for the backward)
+  m.def("soft_argmax(Tensor heatmaps, float beta) -> (Tensor, Tensor)");
+  m.def(
+      "soft_argmax_backward(Tensor grad_coords, Tensor grad_logsumexp, Tensor heatmaps, "
+      "Tensor coords, Tensor logsumexp, float beta) -> Tensor");
+  // oks: pred_keypoints [B, Q, K, 2], tgt_keypoints [G, K, 2], tgt_visibility [G, K],
+  // tgt_areas [G], sigmas [K], tgt_offsets [B + 1] int64 -> packed OKS [Q * G]
+  m.def(
+      "oks(Tensor pred_keypoints, Tensor tgt_keypoints, Tensor tgt_visibility, "
+      "Tensor tgt_areas, Tensor sigmas, Tensor tgt_offsets) -> Tensor");
   // -- later ops append their schemas below this line --
 }

@@ -84,6 +84,62 @@ def match_cost(
     return torch.cat(blocks)
 
 
+def point_sample(maps: Tensor, points: Tensor) -> Tensor:
+    """Bilinear samples of maps [Q, H, W] at points [Q, P, 2] (x, y in [0, 1]) -> [Q, P].
+
+    Mask2Former's ``point_sample``: ``grid_sample`` with align_corners=False and zero padding.
+    """
+    grid = 2.0 * points[:, :, None, :] - 1.0  # Q x P x 1 x 2
+    sampled = torch.nn.functional.grid_sample(
+        maps[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    return sampled[:, 0, :, 0]
+
+
+def mask_logits(mask_embed: Tensor, pixel_features: Tensor, image_index: Tensor) -> Tensor:
+    """Full mask logits: embed [Q, C] . features[image_index[q]] [C, H, W] -> [Q, H, W]."""
+    parts, rows = [], []
+    for b in range(pixel_features.shape[0]):
+        sel = (image_index == b).nonzero().squeeze(1)
+        parts.append(torch.einsum("qc,chw->qhw", mask_embed[sel], pixel_features[b]))
+        rows.append(sel)
+    if not parts:
+        return mask_embed.new_zeros((0, *pixel_features.shape[2:]))
+    return torch.cat(parts)[torch.argsort(torch.cat(rows))]
+
+
+def point_mask_logits(
+    mask_embed: Tensor, pixel_features: Tensor, image_index: Tensor, points: Tensor
+) -> Tensor:
+    """Mask logits at points: embed [Q, C], features [B, C, H, W], points [Q, P, 2] -> [Q, P]."""
+    return point_sample(mask_logits(mask_embed, pixel_features, image_index), points)
+
+
+def point_losses(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-query sigmoid-CE mean and dice loss over points, logits/targets [Q, P] -> [Q, 2]."""
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    prob = logits.sigmoid()
+    dice = 1 - (2 * (prob * targets).sum(1) + 1) / (prob.sum(1) + targets.sum(1) + 1)
+    return torch.stack([ce.mean(1), dice], dim=1)
+
+
+def point_mask_loss(
+    mask_embed: Tensor,
+    pixel_features: Tensor,
+    image_index: Tensor,
+    target_masks: Tensor,
+    points: Tensor,
+) -> Tensor:
+    """Mask2Former's point losses built the eager way (full [Q, H, W] logits, then sampling).
+
+    embed [Q, C], features [B, C, H, W], image_index [Q], targets [Q, Ht, Wt], points [Q, P, 2]
+    -> [Q, 2] (sigmoid-CE mean over points, dice).
+    """
+    logits = point_mask_logits(mask_embed, pixel_features, image_index, points)
+    targets = point_sample(target_masks.to(logits.dtype), points)
+    return point_losses(logits, targets)
+
+
 def ms_deform_attn(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -145,9 +201,49 @@ def vrt_linear_cross_entropy(
     vrt = full[:, vocab:].gather(1, index[sample_index].clamp(max=max(prototypes.shape[0] - 1, 0)))
     allowed = valid[sample_index].clone()  # T x Pmax
     per_token = exclude_offsets[1:] - exclude_offsets[:-1]
-    token_of = torch.repeat_interleave(torch.arange(hidden.shape[0], device=hidden.device), per_token)
+    token_of = torch.repeat_interleave(
+        torch.arange(hidden.shape[0], device=hidden.device), per_token
+    )
     allowed[token_of, exclude_ids] = False
     logits = torch.cat([full[:, :vocab], vrt.masked_fill(~allowed, float("-inf"))], dim=1)
     return torch.nn.functional.cross_entropy(
         logits, labels, ignore_index=ignore_index, reduction="none"
     )
+
+
+def soft_argmax(heatmaps: Tensor, beta: float) -> Tensor:
+    """Soft-argmax, heatmaps [B, K, H, W] -> (x, y) [B, K, 2] in [0, 1] (pixel centres)."""
+    b, k, h, w = heatmaps.shape
+    prob = (beta * heatmaps.reshape(b, k, h * w)).softmax(-1).view(b, k, h, w)
+    xs = (torch.arange(w, dtype=heatmaps.dtype, device=heatmaps.device) + 0.5) / w
+    ys = (torch.arange(h, dtype=heatmaps.dtype, device=heatmaps.device) + 0.5) / h
+    return torch.stack([(prob.sum(2) * xs).sum(-1), (prob.sum(3) * ys).sum(-1)], dim=-1)
+
+
+def oks(
+    pred_keypoints: Tensor,
+    tgt_keypoints: Tensor,
+    tgt_visibility: Tensor,
+    tgt_areas: Tensor,
+    sigmas: Tensor,
+    tgt_offsets: Tensor,
+) -> Tensor:
+    """Packed per-image OKS, image by image (see ``trp.ops.oks``).
+
+    pred [B, Q, K, 2], tgt [G, K, 2], visibility [G, K], areas [G], sigmas [K], offsets [B + 1]
+    -> [Q * G], image b's [Q, G_b] block first at ``Q * tgt_offsets[b]``.
+    """
+    variances = (2 * sigmas) ** 2
+    blocks = []
+    offsets = tgt_offsets.tolist()
+    for b in range(pred_keypoints.shape[0]):
+        lo, hi = offsets[b], offsets[b + 1]
+        d2 = ((pred_keypoints[b][:, None] - tgt_keypoints[None, lo:hi]) ** 2).sum(-1)  # Q x G_b x K
+        e = d2 / variances / (tgt_areas[None, lo:hi, None] + 2.220446049250313e-16) / 2
+        visible = tgt_visibility[lo:hi] > 0  # G_b x K
+        count = visible.sum(-1)
+        total = torch.where(visible, torch.exp(-e), 0).sum(-1)
+        blocks.append(torch.where(count > 0, total / count.clamp(min=1), 0).reshape(-1))
+    if not blocks:
+        return pred_keypoints.new_empty((0,))
+    return torch.cat(blocks)
