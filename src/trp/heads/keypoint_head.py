@@ -95,7 +95,7 @@ class KeypointHead(nn.Module):
         dim_feedforward: int = 1024,
         num_layers: int = 3,
         heatmap_dim: int = 64,
-        beta: float = 10.0,
+        beta: float = 1.0,
         pooling: str = "attention",
         max_queries: int = 100,
     ) -> None:
@@ -200,7 +200,8 @@ class KeypointHead(nn.Module):
             return out
         pixels = self.pixel_decoder(feats.maps, quarter_size(image_size))  # B x Ch x h x w
         embed = self.heatmap_embed(tokens).reshape(b, m * k, -1)  # B x MK x Ch
-        heat = torch.einsum("bqc,bchw->bqhw", embed, pixels)  # B x MK x h x w
+        # Scaled dot product: unscaled logits saturate the soft-argmax (zero gradient) early.
+        heat = torch.einsum("bqc,bchw->bqhw", embed, pixels) * embed.shape[-1] ** -0.5
         xy = soft_argmax(heat, beta=self.beta).reshape(b, m, k, 2)
         out["keypoints"] = qb.unpad(xy)
         out["heatmaps"] = qb.unpad(heat.reshape(b, m, k, *heat.shape[-2:]))
