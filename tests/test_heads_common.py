@@ -1,0 +1,75 @@
+"""Shared head plumbing: FeatureAdapter, sine-cosine positions, QueryEncoder, PixelDecoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trp.heads import FeatureAdapter, PixelDecoder, QueryEncoder, quarter_size
+from trp.heads.blocks import sine_position_embedding
+
+
+def test_sine_positions_are_distinct_and_resolution_consistent():
+    pos = sine_position_embedding(6, 8, 32)
+    assert pos.shape == (32, 6, 8)
+    flat = pos.flatten(1).T
+    assert torch.cdist(flat, flat).add(torch.eye(48) * 10).min() > 1e-3
+    # The same normalised location on two grids gets the same code: cell centre 1.5/6 = 0.5/2.
+    fine = sine_position_embedding(6, 6, 32)
+    coarse = sine_position_embedding(2, 2, 32)
+    torch.testing.assert_close(fine[:, 1, 1], coarse[:, 0, 0])
+    assert not torch.allclose(fine[:, 0, 0], coarse[:, 0, 0])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sine_position_embedding(2, 2, 30)
+
+
+def test_feature_adapter_flattens_levels():
+    adapter = FeatureAdapter(in_channels=[8, 16], d_model=32)
+    out = adapter([torch.randn(2, 8, 6, 4), torch.randn(2, 16, 3, 2)])
+    assert out.flat.shape == (2, 30, 32)
+    assert out.flat_pos.shape == (30, 32)
+    assert out.spatial_shapes.tolist() == [[6, 4], [3, 2]]
+    assert out.level_start_index.tolist() == [0, 24]
+    torch.testing.assert_close(out.flat[:, 24:].transpose(1, 2).reshape(2, 32, 3, 2), out.maps[1])
+    with pytest.raises(TypeError, match="list"):
+        adapter(torch.randn(2, 8, 6, 4))
+    with pytest.raises(ValueError, match="batch size"):
+        adapter([torch.randn(2, 8, 6, 4), torch.randn(3, 16, 3, 2)])
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_query_encoder_pools_and_slots(pooling):
+    torch.manual_seed(0)
+    enc = QueryEncoder(in_dim=8, d_model=16, pooling=pooling, max_queries=2)
+    q = torch.randn(5, 8)
+    qb = enc(
+        q, torch.tensor([1, 1, 0, 1, 1]), num_images=3, object_index=torch.tensor([0, 0, 1, 2, 3])
+    )
+    assert len(qb) == 4
+    assert qb.image_index.tolist() == [1, 0, 1, 1]
+    assert qb.slot.tolist() == [0, 0, 1, 2]
+    assert qb.max_per_image == 3
+    # Slot 2 exceeds max_queries - 1 and reuses the last position embedding.
+    torch.testing.assert_close(qb.pos[3], enc.query_pos.weight[1])
+    projected = enc.proj(q)
+    if pooling == "mean":
+        torch.testing.assert_close(qb.embed[0], projected[:2].mean(0))
+    else:  # a convex combination of the object's two tokens
+        w = (qb.embed[0] - projected[1]) / (projected[0] - projected[1])
+        assert 0 < w.median() < 1
+    torch.testing.assert_close(qb.embed[1], projected[2])
+    padded = qb.pad(qb.embed)
+    assert padded.shape == (3, 3, 16)
+    assert padded[2].abs().sum() == 0  # image 2 has no object
+    torch.testing.assert_close(qb.unpad(padded), qb.embed)
+    mask = qb.attention_padding_mask()
+    assert not mask[:, 0].any()
+    assert mask[0].tolist() == [False, True, True]
+
+
+def test_pixel_decoder_output_grid():
+    dec = PixelDecoder(d_model=16, out_dim=8, num_levels=2)
+    out = dec([torch.randn(2, 16, 3, 3), torch.randn(2, 16, 6, 6)], quarter_size((50, 22)))
+    assert out.shape == (2, 8, 13, 6)
+    with pytest.raises(ValueError, match="image_size"):
+        quarter_size((0, 5))
