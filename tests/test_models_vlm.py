@@ -217,3 +217,37 @@ def test_checkpoint_round_trip_is_exact(tmp_path) -> None:
     assert torch.equal(a["hidden"], b["hidden"])
     assert torch.equal(a["heads"]["box"]["boxes"], b["heads"]["box"]["boxes"])
     assert torch.equal(a["heads"]["mask"]["masks"], b["heads"]["mask"]["masks"])
+
+
+def test_trp_heads_plug_in_through_the_config() -> None:
+    cfg = {
+        **MODEL_CFG,
+        "heads": {
+            "box": {
+                "impl": "deformable",
+                "d_model": 32,
+                "n_heads": 2,
+                "n_points": 2,
+                "dim_feedforward": 64,
+                "num_layers": 2,
+            },
+            "mask": {
+                "impl": "two_way",
+                "d_model": 32,
+                "n_heads": 2,
+                "num_blocks": 1,
+                "mlp_dim": 64,
+                "mask_dim": 8,
+            },
+        },
+    }
+    torch.manual_seed(0)
+    model = build_vlm(cfg, tokenizer=_tokenizer())
+    batch = _batch(model, with_answers=True)
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    box, mask = out["heads"]["box"], out["heads"]["mask"]
+    assert box["boxes"].shape == (4, 4)
+    assert len(box["aux"]) == 1  # iterative refinement: one earlier layer
+    assert mask["masks"].shape == (4, 16, 16)
+    (box["boxes"].sum() + mask["masks"].mean()).backward()
+    assert model.language.get_input_embeddings().weight.grad is not None

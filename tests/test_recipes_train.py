@@ -144,3 +144,10 @@ def test_coco_data_needs_its_paths(tmp_path: Path) -> None:
 def test_evaluate_rejects_a_missing_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a trp checkpoint"):
         evaluate(tmp_path / "nothing", _cfg(tmp_path, config_name="evaluate"))
+
+
+def test_model_group_switches_to_the_trp_heads() -> None:
+    heads = compose(["model=tiny_vlm_deformable"]).model.heads
+    assert heads.box.impl == "deformable"
+    assert heads.mask.impl == "two_way"
+    assert "dim_feedforward" not in heads.mask
