@@ -21,15 +21,22 @@ struct Corners {
   T weight[4];
 };
 
+// Pixel coordinate clamped to [-2, size + 1]: every corner of a point clamped there lies outside
+// the grid, as it did before, and the float -> int conversion stays defined (NaN goes to -2).
+template <typename T>
+C10_HOST_DEVICE inline T clamp_coord(T p, int64_t size) {
+  const T hi = T(size + 1);
+  return !(p >= T(-2)) ? T(-2) : (p > hi ? hi : p);
+}
+
 template <typename T>
 C10_HOST_DEVICE inline Corners<T> corners(T x, T y, int64_t height, int64_t width) {
-  // Clamping far-away points keeps the float -> int conversion defined; every corner of a point
-  // clamped there lies outside the grid, as it did before clamping.
-  const T px = std::fmin(std::fmax(x * T(width) - T(0.5), T(-2)), T(width + 1));
-  const T py = std::fmin(std::fmax(y * T(height) - T(0.5), T(-2)), T(height + 1));
-  const T fx = std::floor(px), fy = std::floor(py);
-  const int64_t x0 = static_cast<int64_t>(fx), y0 = static_cast<int64_t>(fy);
-  const T ax = px - fx, ay = py - fy;
+  const T px = clamp_coord(x * T(width) - T(0.5), width);
+  const T py = clamp_coord(y * T(height) - T(0.5), height);
+  // px >= -2, so truncating px + 2 is floor(px) + 2: no libm call in this hot loop.
+  const int64_t x0 = static_cast<int64_t>(px + T(2)) - 2;
+  const int64_t y0 = static_cast<int64_t>(py + T(2)) - 2;
+  const T ax = px - T(x0), ay = py - T(y0);
   Corners<T> c;
   const int64_t xs[4] = {x0, x0 + 1, x0, x0 + 1};
   const int64_t ys[4] = {y0, y0, y0 + 1, y0 + 1};
@@ -66,9 +73,11 @@ struct Sums {
   T inter = T(0);
 
   C10_HOST_DEVICE void add(T logit, T t) {
-    // Stable BCE with logits: max(l, 0) - l * t + log(1 + exp(-|l|)), as torch computes it.
-    ce += std::fmax(logit, T(0)) - logit * t + std::log1p(std::exp(-std::fabs(logit)));
-    const T s = sigmoid(logit);
+    // Stable BCE with logits: max(l, 0) - l * t + log(1 + exp(-|l|)), as torch computes it;
+    // the same exp(-|l|) gives the sigmoid.
+    const T e = std::exp(logit >= T(0) ? -logit : logit);
+    ce += (logit > T(0) ? logit : T(0)) - logit * t + std::log1p(e);
+    const T s = logit >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
     prob += s;
     target += t;
     inter += s * t;

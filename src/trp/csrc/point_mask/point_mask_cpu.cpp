@@ -91,12 +91,14 @@ at::Tensor point_mask_logits_cpu(const at::Tensor& mask_embed, const at::Tensor&
     pr.for_each_chunk([&](int64_t, const at::Tensor& rows, const at::Tensor&, const at::Tensor& m) {
       const int64_t* r = rows.const_data_ptr<int64_t>();
       const scalar_t* maps = m.const_data_ptr<scalar_t>();
-      at::parallel_for(0, rows.numel() * np, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t k = begin; k < end; ++k) {
-          const int64_t i = k / np, q = r[i], p = k % np;
-          const scalar_t* xy = pts + (q * np + p) * 2;
-          const auto c = corners<scalar_t>(xy[0], xy[1], pr.height, pr.width);
-          o[q * np + p] = sample(maps + i * pr.pixels, c);
+      at::parallel_for(0, rows.numel(), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t q = r[i];
+          const scalar_t* xy = pts + q * np * 2;
+          for (int64_t p = 0; p < np; ++p) {
+            const auto c = corners<scalar_t>(xy[2 * p], xy[2 * p + 1], pr.height, pr.width);
+            o[q * np + p] = sample(maps + i * pr.pixels, c);
+          }
         }
       });
     });

@@ -1,5 +1,5 @@
 // CPU launcher of soft_argmax: at::parallel_for over the B * K rows, one online pass per row;
-// the backward is elementwise (each element owns its gradient).
+// the backward recomputes each probability row by row (each element owns its gradient).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -64,11 +64,16 @@ at::Tensor soft_argmax_backward_cpu(const at::Tensor& grad_coords_in, const at::
     const scalar_t* l = lse.const_data_ptr<scalar_t>();
     scalar_t* g = grad.mutable_data_ptr<scalar_t>();
     const auto bt = static_cast<scalar_t>(beta);
-    at::parallel_for(0, total, 16384, [&](int64_t begin, int64_t end) {
-      for (int64_t e = begin; e < end; ++e) {
-        const int64_t r = e / n, i = (e % n) / w, j = e % w;
-        g[e] = grad_at(hm[e], centre<scalar_t>(j, w), centre<scalar_t>(i, h), bt, c[2 * r],
-                       c[2 * r + 1], l[r], gc[2 * r], gc[2 * r + 1], gl[r]);
+    at::parallel_for(0, total / n, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t i = 0; i < h; ++i) {
+          const scalar_t y = centre<scalar_t>(i, h);
+          for (int64_t j = 0; j < w; ++j) {
+            const int64_t e = r * n + i * w + j;
+            g[e] = grad_at(hm[e], centre<scalar_t>(j, w), y, bt, c[2 * r], c[2 * r + 1], l[r],
+                           gc[2 * r], gc[2 * r + 1], gl[r]);
+          }
+        }
       }
     });
   });
