@@ -251,3 +251,18 @@ def test_trp_heads_plug_in_through_the_config() -> None:
     assert mask["masks"].shape == (4, 16, 16)
     (box["boxes"].sum() + mask["masks"].mean()).backward()
     assert model.language.get_input_embeddings().weight.grad is not None
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_vrt_queries_are_the_emitting_or_own_states(shift: int) -> None:
+    model = build_vlm({**MODEL_CFG, "vrt_query_shift": shift}, tokenizer=_tokenizer()).eval()
+    batch = _batch(model, with_answers=True)
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    targets = out["targets"]
+    expected = []
+    for s in targets.sample.tolist():
+        cols = (batch["input_ids"][s] >= model.vrt_base).nonzero().flatten() - shift
+        expected.append(out["hidden"][s, cols])
+    assert torch.equal(targets.queries, torch.cat(expected))
+    with pytest.raises(ValueError, match="vrt_query_shift"):
+        build_vlm({**MODEL_CFG, "vrt_query_shift": 2}, tokenizer=_tokenizer())

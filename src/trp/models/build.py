@@ -135,7 +135,7 @@ def build_vlm(cfg: Mapping[str, Any], *, tokenizer) -> ReferringVLM:
     """The reference :class:`ReferringVLM` from a ``model`` config and a tokenizer.
 
     ``cfg``: ``image_size``, ``patch_size``, ``vision``, ``language``, ``heads`` (unit -> head
-    config) and ``prototype_rank``.
+    config), ``prototype_rank`` and ``vrt_query_shift``.
     """
     image_size, patch_size = int(cfg["image_size"]), int(cfg["patch_size"])
     vision = build_vision_encoder(cfg["vision"], image_size=image_size, patch_size=patch_size)
@@ -157,4 +157,5 @@ def build_vlm(cfg: Mapping[str, Any], *, tokenizer) -> ReferringVLM:
         image_size=(image_size, image_size),
         vision_dim=vision_dim,
         prototype_rank=int(_get(cfg, "prototype_rank", 64)),
+        vrt_query_shift=int(_get(cfg, "vrt_query_shift", 1)),
     )

@@ -77,6 +77,9 @@ class ReferringVLM(nn.Module):
         heads: ``unit -> head`` modules with the :mod:`trp.heads` interface.
         grid: the patch grid ``(h, w)`` of the vision encoder; image_size: ``(H, W)``.
         prototype_rank: low-rank width of :class:`trp.vrt.VRTPrototypes`.
+        vrt_query_shift: which hidden state of a VRT is its query: 1 = the state that emitted
+            it (PaDT), 0 = the state at the VRT itself (it has also read the VRT's own
+            prototype, so it carries the patch it names).
     """
 
     def __init__(
@@ -90,8 +93,12 @@ class ReferringVLM(nn.Module):
         image_size: tuple[int, int],
         vision_dim: int,
         prototype_rank: int = 64,
+        vrt_query_shift: int = 1,
     ) -> None:
         super().__init__()
+        if vrt_query_shift not in (0, 1):
+            raise ValueError(f"vrt_query_shift must be 0 or 1, got {vrt_query_shift!r}")
+        self.vrt_query_shift = vrt_query_shift
         self.vision = vision
         self.language = language
         self.tokenizer = tokenizer
@@ -179,8 +186,9 @@ class ReferringVLM(nn.Module):
         for unit, uq in routed.items():
             if not len(uq):
                 continue
-            # A VRT is fed by the state that emitted it (one position earlier); <REF> by its own.
-            shift = uq.is_vrt.long()[:, None] * (uq.positions >= 0).long()
+            # A VRT is fed by the state that emitted it (one position earlier) or by its own
+            # state (vrt_query_shift); a <REF> by its own.
+            shift = self.vrt_query_shift * uq.is_vrt.long()[:, None] * (uq.positions >= 0).long()
             shifted = dataclasses.replace(uq, positions=uq.positions - shift)
             f, valid = shifted.gather(hidden)  # Q x K x D
             q = len(uq)

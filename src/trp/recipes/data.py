@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from trp.data import REFCOCO_SPLITS, CocoDataset, RefCOCODataset, ShapesDataset
@@ -118,9 +120,6 @@ class CocoInstances(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        import torch
-        from torch.nn import functional as F
-
         if not 0 <= index < len(self.items):
             raise IndexError(f"index {index} out of range for {len(self.items)} instances")
         i, j = self.items[index]
@@ -213,6 +212,13 @@ class ReferringDataModule(L.LightningDataModule):
             persistent_workers=train and self.num_workers > 0,
             collate_fn=self.train_collate if train else self.eval_collate,
         )
+
+    def transfer_batch_to_device(
+        self, batch: dict, device: torch.device, dataloader_idx: int
+    ) -> dict:
+        # Only the top-level tensors move: parses are frozen dataclasses Lightning cannot walk,
+        # and the robust-loss bookkeeping is consumed on the host.
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

@@ -117,13 +117,6 @@ class ReferringModule(L.LightningModule):
         self.predictions: list[dict[str, Any]] = []
         self._train_threads = torch.get_num_threads()
 
-    def transfer_batch_to_device(
-        self, batch: dict, device: torch.device, dataloader_idx: int
-    ) -> dict:
-        # Only the top-level tensors move: parses are frozen dataclasses Lightning cannot walk,
-        # and the robust-loss bookkeeping is consumed on the host.
-        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
     # ------------------------------------------------------------------ training
     def token_loss(self, out: dict, batch: dict) -> Tensor:
         """Mean robust cross-entropy over the answer tokens (position t predicts label t + 1)."""
@@ -144,12 +137,8 @@ class ReferringModule(L.LightningModule):
         keep = active.reshape(-1).nonzero().flatten()
         counts = offsets[1:] - offsets[:-1]
         kept_counts = counts[keep.cpu()]
-        starts = offsets[:-1][keep.cpu()]
-        kept_ids = (
-            torch.cat([ids[s : s + c] for s, c in zip(starts.tolist(), kept_counts.tolist())])
-            if int(kept_counts.sum())
-            else ids[:0]
-        )
+        row_of_id = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        kept_ids = ids[active.reshape(-1).cpu()[row_of_id]]
         kept_offsets = torch.cat([kept_counts.new_zeros(1), kept_counts.cumsum(0)])
         sample_index = torch.arange(b, device=labels.device).repeat_interleave(n)[keep]
         binding = out["binding"]

@@ -1,0 +1,88 @@
+"""ReferringModule pieces: the robust token loss against dense logits, and the LR schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from trp.recipes import ReferringModule, WarmupCosine
+
+from .test_models_vlm import _batch, _model
+
+LOSS = {
+    "token": 1.0,
+    "box_l1": 5.0,
+    "box_giou": 2.0,
+    "box_score": 1.0,
+    "mask_ce": 5.0,
+    "mask_dice": 5.0,
+    "mask_points": 64,
+}
+EVAL = {"max_new_tokens": 16, "constrained": True, "mask_threshold": 0.5}
+OPTIM = {"lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 1}
+
+
+def test_token_loss_is_the_robust_cross_entropy_of_the_dense_logits() -> None:
+    model = _model()
+    module = ReferringModule(model=model, optim=OPTIM, loss=LOSS, eval=EVAL)
+    batch = _batch(model, with_answers=True)
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    loss = module.token_loss(out, batch)
+
+    logits = model.logits(out["hidden"], out["prototypes"], out["binding"])[:, :-1].double()
+    labels = batch["labels"][:, 1:]
+    base = model.vrt_base
+    for s, (positions, patches) in enumerate(batch["objects"]):
+        for p in positions:
+            label = int(labels[s, p - 1]) - base
+            others = [int(k) for k in patches if int(k) != label]
+            logits[s, p - 1, [base + k for k in others]] = float("-inf")
+    expected = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # The exclusion matters: objects covering several patches change the loss.
+    plain = F.cross_entropy(
+        model.logits(out["hidden"], out["prototypes"], out["binding"])[:, :-1]
+        .reshape(-1, logits.shape[-1])
+        .double(),
+        labels.reshape(-1),
+        ignore_index=-100,
+    )
+    assert plain.item() > loss.item()
+
+
+def test_training_step_returns_a_finite_differentiable_loss() -> None:
+    model = _model().train()
+    module = ReferringModule(model=model, optim=OPTIM, loss=LOSS, eval=EVAL)
+    batch = _batch(model, with_answers=True)
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    losses = module.head_losses(out["heads"], out["targets"], batch)
+    assert {
+        "box/loss_bbox",
+        "box/loss_giou",
+        "box/loss_score",
+        "mask/loss_mask",
+        "mask/loss_dice",
+    } <= set(losses)
+    total = module.token_loss(out, batch) + sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert model.prototypes.down.weight.grad is not None
+
+
+def test_warmup_cosine_by_steps_and_by_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    sched = WarmupCosine(warmup_steps=10, total_steps=110, min_ratio=0.1)
+    assert sched(0) == pytest.approx(0.1)
+    assert sched(9) == pytest.approx(1.0)
+    assert sched(60) == pytest.approx(0.55)
+    assert sched(110) == pytest.approx(0.1)
+    now = [100.0]
+    monkeypatch.setattr("trp.recipes.module.time.monotonic", lambda: now[0])
+    timed = WarmupCosine(warmup_steps=0, total_steps=10_000, min_ratio=0.0, time_budget_s=60)
+    assert timed(0) == pytest.approx(1.0)
+    now[0] = 130.0  # half the budget spent, 0.01% of the steps
+    assert timed(1) == pytest.approx(0.5)
+    now[0] = 200.0
+    assert timed(2) == pytest.approx(0.0)
