@@ -35,10 +35,6 @@ __all__ = [
 ]
 
 
-# Queries whose oversampled candidates are scored at once in sample_points.
-_SAMPLING_CHUNK = 32
-
-
 def _check_features(mask_embed: Tensor, pixel_features: Tensor, image_index: Tensor) -> None:
     check_floating(mask_embed, "mask_embed")
     check_floating(pixel_features, "pixel_features")
@@ -147,24 +143,15 @@ def sample_points(
     options = {"dtype": mask_embed.dtype, "device": mask_embed.device}
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
-    points = torch.empty(num_queries, num_points, 2, **options)
-    # The candidates and their logits ([chunk, kP]) exist for one chunk of queries at a time.
-    chunk = _SAMPLING_CHUNK
-    for lo in range(0, num_queries, chunk):
-        hi = min(lo + chunk, num_queries)
-        candidates = torch.rand(hi - lo, num_sampled, 2, generator=generator, **options)
-        with torch.no_grad():
-            logits = point_mask_logits(
-                mask_embed[lo:hi].detach(), pixel_features.detach(), image_index[lo:hi], candidates
-            )  # chunk x kP
-        chosen = torch.topk(-logits.abs(), k=num_uncertain, dim=1).indices
-        points[lo:hi, :num_uncertain] = torch.gather(
-            candidates, 1, chosen[:, :, None].expand(-1, -1, 2)
-        )
-    points[:, num_uncertain:] = torch.rand(
-        num_queries, num_points - num_uncertain, 2, generator=generator, **options
-    )
-    return points
+    candidates = torch.rand(num_queries, num_sampled, 2, generator=generator, **options)
+    with torch.no_grad():
+        logits = point_mask_logits(
+            mask_embed.detach(), pixel_features.detach(), image_index, candidates
+        )  # Q x kP
+    chosen = torch.topk(-logits.abs(), k=num_uncertain, dim=1).indices  # Q x P_uncertain
+    points = torch.gather(candidates, 1, chosen[:, :, None].expand(-1, -1, 2))
+    uniform = torch.rand(num_queries, num_points - num_uncertain, 2, generator=generator, **options)
+    return torch.cat([points, uniform], dim=1)
 
 
 def point_mask_loss_per_query(
