@@ -13,6 +13,9 @@ from hydra.errors import MissingConfigException
 
 from trp.recipes import ConfigError, compose, evaluate, train
 
+from .test_data_coco import _write_coco
+from .test_data_refcoco import _rows, _write
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A model small enough that a few steps, evaluation and reload take seconds.
@@ -81,6 +84,37 @@ def test_recipe_trains_evaluates_and_reloads_identically(tmp_path: Path, recipe:
     second = json.loads((tmp_path / "eval" / "predictions.json").read_text())
     assert second == first
     assert again["metrics"] == pytest.approx(metrics)
+    if recipe != "shapes_vrt":
+        return
+
+    # The same checkpoint on a RefCOCO parquet directory and on a COCO json.
+    _write(tmp_path / "refcoco" / "testA-0.parquet", _rows(3))
+    ref = evaluate(
+        out / "checkpoint",
+        _cfg(
+            tmp_path,
+            "run_name=ref",
+            "data=refcoco",
+            f"data.root={tmp_path / 'refcoco'}",
+            config_name="evaluate",
+        ),
+    )
+    assert ref["samples"] == 3
+    assert len(json.loads((tmp_path / "ref" / "predictions.json").read_text())) == 3
+    ann, images = _write_coco(tmp_path)
+    coco = evaluate(
+        out / "checkpoint",
+        _cfg(
+            tmp_path,
+            "run_name=coco",
+            "data=coco",
+            f"data.annotation_file={ann}",
+            f"data.image_dir={images}",
+            config_name="evaluate",
+        ),
+    )
+    assert coco["samples"] == 3  # the crowd annotation is not a referring sample
+    assert 0.0 <= coco["metrics"]["rec/ACC@0.5"] <= 1.0
 
 
 @pytest.mark.slow
@@ -105,6 +139,26 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert summary["samples"] == 6
     assert "rec/ACC@0.5" in summary["metrics"]
     assert "trained 3 steps" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_refcoco_recipe_trains_on_a_parquet_directory(tmp_path: Path) -> None:
+    _write(tmp_path / "refcoco" / "val-0.parquet", _rows(4))
+    _write(tmp_path / "refcoco" / "testA-0.parquet", _rows(2, offset=4))
+    summary = train(
+        _cfg(
+            tmp_path,
+            "recipe=refcoco_vrt",
+            f"data.root={tmp_path / 'refcoco'}",
+            "data.batch_size=2",
+            "trainer.max_steps=2",
+            "run_name=ref",
+        )
+    )
+    assert summary["steps"] == 2
+    assert summary["samples"] == 2
+    assert (tmp_path / "ref" / "checkpoint" / "model.safetensors").is_file()
 
 
 def test_unknown_recipe_lists_the_known_ones() -> None:

@@ -38,7 +38,10 @@ class _DecoderLayer(nn.Module):
         h = self.norm1(x)
         x = x + self.self_attn(h, h, h, need_weights=False)[0]
         h = self.norm2(x)
-        x = x + self.cross_attn(h, memory + memory_pos, memory, need_weights=False)[0]
+        # Positions go into the values too: a box is read out of *where* the attention lands,
+        # which values without positions cannot tell.
+        keys = memory + memory_pos
+        x = x + self.cross_attn(h, keys, keys, need_weights=False)[0]
         return x + self.ffn(self.norm3(x))
 
 

@@ -49,8 +49,11 @@ class IndexedDataset(Dataset):
         return sample
 
 
-def build_datasets(cfg: Mapping[str, Any], *, image_size: int) -> tuple[Dataset, Dataset]:
-    """``(train, eval)`` datasets of ``cfg`` (the ``data`` config group).
+def build_datasets(
+    cfg: Mapping[str, Any], *, image_size: int, with_train: bool = True
+) -> tuple[Dataset | None, Dataset]:
+    """``(train, eval)`` datasets of ``cfg`` (the ``data`` config group); ``train`` is None
+    without ``with_train`` (evaluation needs only the held-out split).
 
     Raises:
         ValueError: unknown dataset or bad sizes. FileNotFoundError: a missing RefCOCO root.
@@ -95,9 +98,14 @@ def build_datasets(cfg: Mapping[str, Any], *, image_size: int) -> tuple[Dataset,
     for key in ("train_split", "eval_split"):
         if cfg[key] not in REFCOCO_SPLITS:
             raise ValueError(f"data.{key}={cfg[key]!r}; expected one of {REFCOCO_SPLITS}")
-    train = RefCOCODataset(root, cfg["train_split"], image_size=image_size)
-    held_out = RefCOCODataset(root, cfg["eval_split"], image_size=image_size)
-    return IndexedDataset(train), IndexedDataset(_Subset(held_out, cfg.get("eval_size")))
+    held_out = IndexedDataset(
+        _Subset(
+            RefCOCODataset(root, cfg["eval_split"], image_size=image_size), cfg.get("eval_size")
+        )
+    )
+    if not with_train:
+        return None, held_out
+    return IndexedDataset(RefCOCODataset(root, cfg["train_split"], image_size=image_size)), held_out
 
 
 class CocoInstances(Dataset):

@@ -248,7 +248,7 @@ def evaluate(checkpoint: str | Path, cfg: DictConfig) -> dict[str, Any]:
         cfg.model = saved.model
         cfg.recipe = saved.recipe
     _setup(cfg)
-    _, held_out = build_datasets(cfg.data, image_size=int(cfg.model.image_size))
+    _, held_out = build_datasets(cfg.data, image_size=int(cfg.model.image_size), with_train=False)
     module = _module(cfg, model)
     datamodule = _datamodule(cfg, model, held_out, held_out)
     trainer = _trainer(cfg, Path(cfg.output_dir), logger=False)
