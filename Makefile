@@ -24,7 +24,7 @@ $(VENV)/.torch: | $(BIN)/python
 	touch $@
 
 $(INSTALLED): $(VENV)/.torch setup.py setup.cfg pyproject.toml
-	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	TRP_SKIP_EXTENSION=1 $(BIN)/pip install -q --no-build-isolation -e '.[dev]'
 	touch $@
 
 # Incremental (ninja) rebuild of trp._C after a change under src/trp/csrc; serialised with

@@ -58,4 +58,8 @@ def _cmdclass():
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-setup(ext_modules=_extensions(), cmdclass=_cmdclass())
+# The Makefile installs with TRP_SKIP_EXTENSION=1 and then builds trp._C in place with ninja
+# under build/, so later rebuilds are incremental (pip's editable build uses a throw-away
+# directory and would recompile every kernel each time).
+_skip = os.environ.get("TRP_SKIP_EXTENSION", "0") == "1"
+setup(ext_modules=[] if _skip else _extensions(), cmdclass=_cmdclass())

@@ -74,3 +74,11 @@ def test_bad_trp_fused_value_is_rejected():
     env = dict(os.environ, TRP_FUSED="maybe")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "TRP_FUSED must be 0 or 1" in out.stderr
+
+
+@requires_native
+def test_import_trp_registers_the_ops():
+    code = "import torch, trp; print(torch.ops.trp.generalized_box_iou)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "generalized_box_iou" in out.stdout

@@ -4,12 +4,15 @@ Two mechanisms, one library: the triplet-based referring paradigm (``trp.grammar
 reference tokens bound per image (``trp.vrt``), decoded by the heads of ``trp.heads`` whose hot
 paths are the fused ops of ``trp.ops`` (a C++/CUDA extension, ``trp._C``, with eager fallbacks).
 
-Subpackages load on first access so ``import trp`` stays cheap (no transformers, no Lightning).
+``import trp`` loads ``trp.ops`` (and so ``trp._C``: ``torch.ops.trp.*`` exist, with their fake
+and autograd registrations); the other subpackages load on first access so ``import trp`` stays
+cheap (no transformers, no Lightning).
 """
 
 import importlib
 from typing import Any
 
+from trp import ops  # noqa: F401  (registers torch.ops.trp.* on import)
 from trp.version import __version__
 
 _SUBPACKAGES = (
