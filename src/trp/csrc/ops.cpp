@@ -73,4 +73,13 @@ TORCH_LIBRARY(trp, m) {
       "oks(Tensor pred_keypoints, Tensor tgt_keypoints, Tensor tgt_visibility, "
       "Tensor tgt_areas, Tensor sigmas, Tensor tgt_offsets) -> Tensor");
   // -- later ops append their schemas below this line --
+  // point_mask_loss_layers: mask_embed [L, Q, C], pixel_features [B, C, H, W], image_index [Q]
+  // int64, target_masks [Q, Ht, Wt]; points generated inside from `seed` -> (total [] =
+  // sum_l weight_mask * mask_l + weight_dice * dice_l, per_layer [L, 2] (mask CE, dice) / num_masks,
+  // grad_embed [L, Q, C], grad_features [B, C, H, W] = d total / d input, [0] unless compute_grad)
+  m.def(
+      "point_mask_loss_layers(Tensor mask_embed, Tensor pixel_features, Tensor image_index, "
+      "Tensor target_masks, int seed, int num_points, int num_uncertain, int num_candidates, "
+      "float weight_mask, float weight_dice, float num_masks, bool compute_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }

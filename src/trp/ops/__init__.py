@@ -14,6 +14,7 @@ from trp.ops.point_mask_loss import (
     PointMaskLoss,
     point_mask_logits,
     point_mask_loss,
+    point_mask_loss_layers,
     point_mask_loss_per_query,
     sample_points,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "oks_cost",
     "point_mask_logits",
     "point_mask_loss",
+    "point_mask_loss_layers",
     "point_mask_loss_per_query",
     "reference",
     "sample_points",

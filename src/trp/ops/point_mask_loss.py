@@ -30,6 +30,7 @@ __all__ = [
     "PointMaskLoss",
     "point_mask_logits",
     "point_mask_loss",
+    "point_mask_loss_layers",
     "point_mask_loss_per_query",
     "sample_points",
 ]
@@ -228,6 +229,91 @@ def point_mask_loss(
     return {"loss_mask": total[0], "loss_dice": total[1]}
 
 
+def _check_sampling(num_points: int, oversample_ratio: float, importance_sample_ratio: float):
+    if not isinstance(num_points, int) or num_points < 1:
+        raise ValueError(f"num_points must be a positive int, got {num_points!r}")
+    if oversample_ratio < 1:
+        raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}")
+    if not 0 <= importance_sample_ratio <= 1:
+        raise ValueError(
+            f"importance_sample_ratio must lie in [0, 1], got {importance_sample_ratio}"
+        )
+
+
+def point_mask_loss_layers(
+    mask_embed: Tensor,
+    pixel_features: Tensor,
+    image_index: Tensor,
+    target_masks: Tensor,
+    *,
+    num_points: int = 12544,
+    oversample_ratio: float = 3.0,
+    importance_sample_ratio: float = 0.75,
+    weight_mask: float = 1.0,
+    weight_dice: float = 1.0,
+    num_masks: float | Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> dict[str, Tensor]:
+    """Mask2Former's mask losses of all L decoder layers in one fused call.
+
+    The op computes ``d loss / d mask_embed`` and ``d loss / d pixel_features`` during the forward
+    (the loss is a scalar) and the backward only scales them by the incoming gradient: no
+    ``[Q, H, W]`` logits, no point sets kept, one feature gradient for all layers. Points are
+    generated inside the op from a seed with a counter-based hash (uncertainty-based importance
+    sampling as :func:`sample_points`, a different but equally distributed draw);
+    :func:`trp.ops.reference.point_mask_layer_points` reproduces them.
+
+    Args:
+        mask_embed (Tensor[L, Q, C]): mask embedding of each matched query at each layer.
+        pixel_features (Tensor[B, C, H, W]): per-pixel embeddings shared by the layers.
+        image_index (Tensor[Q], int64): image of each query.
+        target_masks (Tensor[Q, Ht, Wt]): binary target of each query, float or bool.
+        num_points, oversample_ratio, importance_sample_ratio: Mask2Former's sampling
+            (``int(P * oversample_ratio)`` candidates, ``int(importance_sample_ratio * P)`` kept).
+        weight_mask, weight_dice: weights of the two losses in ``loss``.
+        num_masks: normaliser of the summed losses (default ``max(Q, 1)``).
+        generator: the seed is one int64 drawn from it (the default generator when None).
+        seed (int, optional): use this seed instead of drawing one (e.g. under torch.compile).
+    Returns:
+        ``{"loss": Tensor[]`` = Σ_l weight_mask · loss_mask[l] + weight_dice · loss_dice[l]
+        (differentiable, once: a second backward through it raises), ``"loss_mask": Tensor[L]``,
+        ``"loss_dice": Tensor[L]`` (unweighted, detached)``}``.
+    """
+    check_floating(mask_embed, "mask_embed")
+    if mask_embed.dim() != 3:
+        raise ValueError(f"mask_embed must have shape [L, Q, C], got {list(mask_embed.shape)}")
+    like = mask_embed[0] if mask_embed.shape[0] else mask_embed.new_empty(mask_embed.shape[1:])
+    _check_features(like, pixel_features, image_index)
+    targets = _check_targets(like, target_masks)
+    _check_sampling(num_points, oversample_ratio, importance_sample_ratio)
+    num_candidates = int(num_points * oversample_ratio)
+    num_uncertain = int(importance_sample_ratio * num_points)
+    if num_masks is None:
+        num_masks = max(mask_embed.shape[1], 1)
+    num_masks = float(num_masks)
+    if not num_masks > 0:
+        raise ValueError(f"num_masks must be positive, got {num_masks}")
+    if seed is None:
+        device = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+    args = (seed, num_points, num_uncertain, num_candidates)
+    weights = (float(weight_mask), float(weight_dice), num_masks)
+    if should_use_fused(mask_embed):
+        compute_grad = torch.is_grad_enabled() and (
+            mask_embed.requires_grad or pixel_features.requires_grad
+        )
+        total, per_layer, _, _ = torch.ops.trp.point_mask_loss_layers(
+            mask_embed, pixel_features, image_index, targets, *args, *weights, compute_grad
+        )
+    else:
+        total, per_layer = reference.point_mask_loss_layers(
+            mask_embed, pixel_features, image_index, targets, *args, *weights
+        )
+        per_layer = per_layer.detach()
+    return {"loss": total, "loss_mask": per_layer[:, 0], "loss_dice": per_layer[:, 1]}
+
+
 class PointMaskLoss(nn.Module):
     """Module form of :func:`point_mask_loss` holding the sampling settings and loss weights.
 
@@ -325,6 +411,48 @@ def _register() -> None:
         )
         return grad_embed, grad_features, None, None, None
 
+    @torch.library.register_fake("trp::point_mask_loss_layers")
+    def _(mask_embed, pixel_features, image_index, target_masks, *args):
+        compute_grad = args[-1]
+        grads = (
+            (mask_embed.new_empty(mask_embed.shape), pixel_features.new_empty(pixel_features.shape))
+            if compute_grad
+            else (mask_embed.new_empty((0,)), pixel_features.new_empty((0,)))
+        )
+        return mask_embed.new_empty(()), mask_embed.new_empty((mask_embed.shape[0], 2)), *grads
+
+    def layers_setup_context(ctx, inputs, output) -> None:
+        _, per_layer, grad_embed, grad_features = output
+        ctx.mark_non_differentiable(per_layer, grad_embed, grad_features)
+        ctx.compute_grad = inputs[-1]
+        # Kept as attributes, not saved tensors: the backward hands them on (scaled in place)
+        # and drops them, so no second copy of the [B, C, H, W] gradient is ever made.
+        ctx.grads = (grad_embed, grad_features)
+
+    def layers_backward(ctx, grad_total: Tensor, *_):
+        if not ctx.compute_grad:
+            raise RuntimeError(
+                "trp::point_mask_loss_layers was called with compute_grad=False: it has no "
+                "gradient to give (trp.ops.point_mask_loss_layers sets it when an input "
+                "requires grad)"
+            )
+        if ctx.grads is None:
+            raise RuntimeError(
+                "trp::point_mask_loss_layers: backward through the same loss a second time is "
+                "not supported (its gradients are computed once in the forward and handed on); "
+                "call the loss again instead of retain_graph=True"
+            )
+        grad_embed, grad_features = ctx.grads
+        ctx.grads = None
+        return (
+            grad_embed.mul_(grad_total) if ctx.needs_input_grad[0] else None,
+            grad_features.mul_(grad_total) if ctx.needs_input_grad[1] else None,
+            *([None] * 10),
+        )
+
+    torch.library.register_autograd(
+        "trp::point_mask_loss_layers", layers_backward, setup_context=layers_setup_context
+    )
     torch.library.register_autograd(
         "trp::point_mask_logits", logits_backward, setup_context=setup_context
     )

@@ -140,6 +140,117 @@ def point_mask_loss(
     return point_losses(logits, targets)
 
 
+# Counter-based random points of point_mask_loss_layers (the twin of csrc/point_mask/point_mask.h:
+# mix32, row_key, uniform). Every product of a 32-bit value and a constant < 2^31 fits in int64.
+_MASK32 = 0xFFFFFFFF
+_MIX_A = 0x7FEB352D
+_MIX_B = 0x31848BAB
+CANDIDATE_STREAM = 0
+UNIFORM_STREAM = 1
+
+
+def _mix32(x: Tensor) -> Tensor:
+    x = x ^ (x >> 16)
+    x = (x * _MIX_A) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MIX_B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _row_keys(seed: int, stream: int, num_layers: int, num_queries: int, device) -> Tensor:
+    """Keys [L, Q] (int64 holding uint32) of the rows of one stream."""
+    h = _mix32(torch.tensor(seed & _MASK32, dtype=torch.int64, device=device))
+    h = _mix32(h ^ ((seed >> 32) & _MASK32))
+    h = _mix32(h ^ stream)
+    layers = torch.arange(num_layers, device=device)[:, None]
+    queries = torch.arange(num_queries, device=device)[None, :]
+    return _mix32(_mix32(h ^ layers) ^ queries)
+
+
+def _uniform_points(keys: Tensor, counts: Tensor) -> Tensor:
+    """Points (x, y) in [0, 1) of counter pairs ``counts`` [..., n] under keys [...] -> [..., n, 2]
+    (float64, exact: 24-bit integers times 2^-24)."""
+    counter = torch.stack([2 * counts, 2 * counts + 1], dim=-1)  # ... x n x 2
+    h = _mix32(_mix32(keys[..., None, None] ^ counter))
+    return (h >> 8).to(torch.float64) * 2.0**-24
+
+
+def point_mask_layer_points(
+    mask_embed: Tensor,
+    pixel_features: Tensor,
+    image_index: Tensor,
+    seed: int,
+    num_points: int,
+    num_uncertain: int,
+    num_candidates: int,
+) -> Tensor:
+    """The points ``torch.ops.trp.point_mask_loss_layers`` uses, -> [L, Q, P, 2] (x, y).
+
+    Row (layer l, query q): candidates i < num_candidates at uniform(row_key(seed, 0, l, q), 2i,
+    2i + 1); the num_uncertain with the smallest (|logit|, i) (NaN first) are kept in index
+    order, followed by num_points - num_uncertain uniform points of stream 1.
+    """
+    num_layers, num_queries = mask_embed.shape[:2]
+    device, dtype = mask_embed.device, mask_embed.dtype
+    parts = []
+    if num_uncertain > 0:
+        keys = _row_keys(seed, CANDIDATE_STREAM, num_layers, num_queries, device)
+        counts = torch.arange(num_candidates, device=device).expand(num_layers, num_queries, -1)
+        candidates = _uniform_points(keys, counts).to(dtype)  # L x Q x K x 2
+        chosen = []
+        with torch.no_grad():
+            for layer in range(num_layers):
+                logits = point_mask_logits(
+                    mask_embed[layer].detach(),
+                    pixel_features.detach(),
+                    image_index,
+                    candidates[layer],
+                )  # Q x K
+                key = torch.where(logits.isnan(), -1.0, logits.abs())
+                order = torch.sort(key, dim=1, stable=True).indices[:, :num_uncertain]
+                chosen.append(order.sort(dim=1).values)
+        index = torch.stack(chosen)  # L x Q x k
+        parts.append(torch.gather(candidates, 2, index[..., None].expand(-1, -1, -1, 2)))
+    keys = _row_keys(seed, UNIFORM_STREAM, num_layers, num_queries, device)
+    counts = torch.arange(num_points - num_uncertain, device=device)
+    parts.append(_uniform_points(keys, counts.expand(num_layers, num_queries, -1)).to(dtype))
+    return torch.cat(parts, dim=2)
+
+
+def point_mask_loss_layers(
+    mask_embed: Tensor,
+    pixel_features: Tensor,
+    image_index: Tensor,
+    target_masks: Tensor,
+    seed: int,
+    num_points: int,
+    num_uncertain: int,
+    num_candidates: int,
+    weight_mask: float,
+    weight_dice: float,
+    num_masks: float,
+) -> tuple[Tensor, Tensor]:
+    """Eager point_mask_loss_layers at the same generated points: layer by layer, full logits,
+    ``point_sample``, the two losses -> (total [], per_layer [L, 2] (mask CE, dice) / num_masks)."""
+    points = point_mask_layer_points(
+        mask_embed, pixel_features, image_index, seed, num_points, num_uncertain, num_candidates
+    )
+    targets = target_masks.to(mask_embed.dtype)
+    per_layer = [
+        point_mask_loss(mask_embed[layer], pixel_features, image_index, targets, points[layer]).sum(
+            0
+        )
+        / num_masks
+        for layer in range(mask_embed.shape[0])
+    ]
+    if per_layer:
+        per_layer_t = torch.stack(per_layer)
+    else:  # L = 0: zero losses, still connected to the inputs
+        per_layer_t = mask_embed.new_zeros((0, 2)) + 0 * mask_embed.sum()
+    total = (per_layer_t[:, 0] * weight_mask + per_layer_t[:, 1] * weight_dice).sum()
+    return total, per_layer_t
+
+
 def ms_deform_attn(
     value: Tensor,
     spatial_shapes: Tensor,

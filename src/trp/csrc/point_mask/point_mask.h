@@ -102,29 +102,83 @@ C10_HOST_DEVICE inline T dlogit(T logit, T t, const Sums<T>& s, int64_t num_poin
   return grad_ce * (p - t) / T(num_points) + grad_dice * ddice_dp * p * (T(1) - p);
 }
 
-inline void check_features(const at::Tensor& mask_embed, const at::Tensor& pixel_features,
-                           const at::Tensor& image_index) {
-  check_floating(mask_embed, "mask_embed");
-  check_dim(mask_embed, 2, "mask_embed");
+// ---- point_mask_loss_layers: points generated inside the op from a seed ----------------------
+//
+// Counter-based random numbers: a 32-bit xorshift-multiply mix (lowbias32-style) with odd
+// constants below 2^31, so every product of a 32-bit value and a constant fits in int64 and the
+// Python twin (trp.ops.reference.point_mask_layer_points) reproduces it with int64 torch ops.
+constexpr uint32_t kMixA = 0x7feb352dU;
+constexpr uint32_t kMixB = 0x31848babU;
+// Stream ids of the two point sets of a row: oversampled candidates, then uniform points.
+constexpr uint32_t kCandidateStream = 0;
+constexpr uint32_t kUniformStream = 1;
+
+C10_HOST_DEVICE inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= kMixA;
+  x ^= x >> 15;
+  x *= kMixB;
+  x ^= x >> 16;
+  return x;
+}
+
+// Key of one (stream, layer, query) row under a seed; the seed's two 32-bit halves, the stream,
+// the layer and the query are folded in one after another.
+C10_HOST_DEVICE inline uint32_t row_key(int64_t seed, uint32_t stream, int64_t layer,
+                                        int64_t query) {
+  const uint64_t s = static_cast<uint64_t>(seed);
+  uint32_t h = mix32(static_cast<uint32_t>(s & 0xffffffffULL));
+  h = mix32(h ^ static_cast<uint32_t>(s >> 32));
+  h = mix32(h ^ stream);
+  h = mix32(h ^ static_cast<uint32_t>(layer));
+  return mix32(h ^ static_cast<uint32_t>(query));
+}
+
+// Uniform in [0, 1) number `counter` of a row: the top 24 bits of the hash times 2^-24, exact in
+// float and double. Point i of a row is (uniform(key, 2 i), uniform(key, 2 i + 1)) = (x, y).
+template <typename T>
+C10_HOST_DEVICE inline T uniform(uint32_t key, int64_t counter) {
+  const uint32_t h = mix32(mix32(key ^ static_cast<uint32_t>(counter)));
+  return static_cast<T>(h >> 8) * static_cast<T>(1.0 / 16777216.0);
+}
+
+// Selection key of a candidate: |logit|, NaN first (-1), as the Python twin orders them. The
+// num_uncertain candidates with the smallest (key, index) are kept.
+template <typename T>
+C10_HOST_DEVICE inline T uncertainty_key(T logit) {
+  return logit != logit ? T(-1) : (logit < T(0) ? -logit : logit);
+}
+
+// pixel_features [B, C, H, W] and image_index [Q] against the embeddings `embed` (dtype and
+// device) of num_queries queries with `channels` channels.
+inline void check_features_for(const at::Tensor& embed, int64_t num_queries, int64_t channels,
+                               const at::Tensor& pixel_features, const at::Tensor& image_index) {
   check_dim(pixel_features, 4, "pixel_features");
-  check_same_dtype(mask_embed, pixel_features, "mask_embed", "pixel_features");
-  check_same_device(mask_embed, pixel_features, "mask_embed", "pixel_features");
-  TORCH_CHECK_VALUE(pixel_features.size(1) == mask_embed.size(1),
-                    "pixel_features must have shape [B, C, H, W] with C = ", mask_embed.size(1),
+  check_same_dtype(embed, pixel_features, "mask_embed", "pixel_features");
+  check_same_device(embed, pixel_features, "mask_embed", "pixel_features");
+  TORCH_CHECK_VALUE(pixel_features.size(1) == channels,
+                    "pixel_features must have shape [B, C, H, W] with C = ", channels,
                     " (mask_embed's channels), got ", pixel_features.sizes());
   TORCH_CHECK_VALUE(pixel_features.size(2) > 0 && pixel_features.size(3) > 0,
                     "pixel_features must have a non-empty H x W grid, got ", pixel_features.sizes());
   check_dtype(image_index, at::kLong, "image_index");
-  check_same_device(mask_embed, image_index, "mask_embed", "image_index");
-  TORCH_CHECK_VALUE(image_index.dim() == 1 && image_index.size(0) == mask_embed.size(0),
-                    "image_index must have shape [", mask_embed.size(0), "], got ",
-                    image_index.sizes());
+  check_same_device(embed, image_index, "mask_embed", "image_index");
+  TORCH_CHECK_VALUE(image_index.dim() == 1 && image_index.size(0) == num_queries,
+                    "image_index must have shape [", num_queries, "], got ", image_index.sizes());
   if (image_index.numel() > 0) {
     const int64_t lo = image_index.min().item<int64_t>();
     const int64_t hi = image_index.max().item<int64_t>();
     TORCH_CHECK_VALUE(lo >= 0 && hi < pixel_features.size(0), "image_index must lie in [0, ",
                       pixel_features.size(0), "), got values in [", lo, ", ", hi, "]");
   }
+}
+
+inline void check_features(const at::Tensor& mask_embed, const at::Tensor& pixel_features,
+                           const at::Tensor& image_index) {
+  check_floating(mask_embed, "mask_embed");
+  check_dim(mask_embed, 2, "mask_embed");
+  check_features_for(mask_embed, mask_embed.size(0), mask_embed.size(1), pixel_features,
+                     image_index);
 }
 
 inline void check_points(const at::Tensor& mask_embed, const at::Tensor& points) {
@@ -163,6 +217,36 @@ inline void check_grad(const at::Tensor& grad, const at::Tensor& mask_embed, int
   TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == mask_embed.size(0) && grad.size(1) == cols,
                     "grad must have shape ", shape, " = [", mask_embed.size(0), ", ", cols,
                     "], got ", grad.sizes());
+}
+
+// mask_embed [L, Q, C], pixel_features [B, C, H, W], image_index [Q], target_masks [Q, Ht, Wt]
+// and the sampling sizes of point_mask_loss_layers.
+inline void check_layers_inputs(const at::Tensor& mask_embed, const at::Tensor& pixel_features,
+                                const at::Tensor& image_index, const at::Tensor& target_masks,
+                                int64_t num_points, int64_t num_uncertain, int64_t num_candidates,
+                                double num_masks) {
+  check_floating(mask_embed, "mask_embed");
+  TORCH_CHECK_VALUE(mask_embed.dim() == 3, "mask_embed must have shape [L, Q, C], got ",
+                    mask_embed.sizes());
+  check_features_for(mask_embed, mask_embed.size(1), mask_embed.size(2), pixel_features,
+                     image_index);
+  check_same_dtype(mask_embed, target_masks, "mask_embed", "target_masks");
+  check_same_device(mask_embed, target_masks, "mask_embed", "target_masks");
+  TORCH_CHECK_VALUE(target_masks.dim() == 3 && target_masks.size(0) == mask_embed.size(1),
+                    "target_masks must have shape [Q, Ht, Wt] with Q = ", mask_embed.size(1),
+                    ", got ", target_masks.sizes());
+  TORCH_CHECK_VALUE(target_masks.size(1) > 0 && target_masks.size(2) > 0,
+                    "target_masks must have a non-empty Ht x Wt grid, got ", target_masks.sizes());
+  constexpr int64_t kMaxCount = int64_t(1) << 30;  // point counters 2 i + 1 fit in 32 bits
+  TORCH_CHECK_VALUE(num_points >= 1 && num_points <= kMaxCount,
+                    "num_points must lie in [1, 2^30], got ", num_points);
+  TORCH_CHECK_VALUE(num_uncertain >= 0 && num_uncertain <= num_points,
+                    "num_uncertain must lie in [0, num_points = ", num_points, "], got ",
+                    num_uncertain);
+  TORCH_CHECK_VALUE(num_candidates >= num_uncertain && num_candidates <= kMaxCount,
+                    "num_candidates must lie in [num_uncertain = ", num_uncertain,
+                    ", 2^30], got ", num_candidates);
+  TORCH_CHECK_VALUE(num_masks > 0, "num_masks must be positive, got ", num_masks);
 }
 
 }  // namespace point_mask
