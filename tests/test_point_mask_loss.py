@@ -11,6 +11,7 @@ from trp.ops import (
     PointMaskLoss,
     point_mask_logits,
     point_mask_loss,
+    point_mask_loss_layers,
     point_mask_loss_per_query,
     reference,
     sample_points,
@@ -316,3 +317,372 @@ def test_torch_compile_no_graph_break(gen):
     torch.testing.assert_close(compiled(*loss_args(x)), fn(*loss_args(x)))
     sampled = torch.compile(lambda e, f, i: sample_points(e, f, i, num_points=8), fullgraph=True)
     assert sampled(*logits_args(x)[:3]).shape == (4, 8, 2)
+
+
+# ---- point_mask_loss_layers: all decoder layers in one call, points generated from a seed ----
+
+
+def layers_problem(
+    *,
+    layers: int = 3,
+    q: int = 7,
+    c: int = 13,
+    b: int = 3,
+    h: int = 9,
+    w: int = 11,
+    th: int = 12,
+    tw: int = 10,
+    dtype: torch.dtype = torch.float64,
+    gen: torch.Generator,
+) -> dict:
+    return {
+        "mask_embed": torch.randn(layers, q, c, dtype=dtype, generator=gen),
+        "pixel_features": torch.randn(b, c, h, w, dtype=dtype, generator=gen),
+        "image_index": torch.randint(0, b, (q,), generator=gen),
+        "target_masks": (torch.rand(q, th, tw, generator=gen) > 0.5).to(dtype),
+    }
+
+
+def layers_args(x: dict) -> tuple:
+    return x["mask_embed"], x["pixel_features"], x["image_index"], x["target_masks"]
+
+
+def sampling_sizes(num_points: int, oversample: float, importance: float) -> tuple[int, int, int]:
+    return num_points, int(importance * num_points), int(num_points * oversample)
+
+
+def fused_and_reference(
+    x,
+    *,
+    grad_scale,
+    seed=1234,
+    p=23,
+    oversample=3.0,
+    importance=0.75,
+    wm=5.0,
+    wd=2.0,
+    num_masks=None,
+):
+    """(total, per_layer, grad_embed, grad_features) from the API and from the eager reference."""
+    results = []
+    sizes = sampling_sizes(p, oversample, importance)
+    nm = float(num_masks if num_masks is not None else max(x["mask_embed"].shape[1], 1))
+    for fused in (True, False):
+        e = x["mask_embed"].clone().requires_grad_()
+        f = x["pixel_features"].clone().requires_grad_()
+        args = (e, f, x["image_index"], x["target_masks"])
+        if fused:
+            out = point_mask_loss_layers(
+                *args,
+                num_points=p,
+                oversample_ratio=oversample,
+                importance_sample_ratio=importance,
+                weight_mask=wm,
+                weight_dice=wd,
+                num_masks=num_masks,
+                seed=seed,
+            )
+            total = out["loss"]
+            per_layer = torch.stack([out["loss_mask"], out["loss_dice"]], 1)
+            assert not per_layer.requires_grad
+        else:
+            total, per_layer = reference.point_mask_loss_layers(*args, seed, *sizes, wm, wd, nm)
+        (total * grad_scale).backward()
+        results.append((total.detach(), per_layer.detach(), e.grad, f.grad))
+    return results
+
+
+@requires_native
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("grad_scale", [1.0, -2.5])
+@pytest.mark.parametrize(
+    ("oversample", "importance"), [(3.0, 0.75), (1.0, 0.0), (1.0, 1.0), (2.5, 0.5)]
+)
+def test_layers_fp64_parity_with_reference(layers, grad_scale, oversample, importance, gen):
+    x = layers_problem(layers=layers, gen=gen)
+    fused, ref = fused_and_reference(
+        x, grad_scale=grad_scale, oversample=oversample, importance=importance
+    )
+    assert fused[0].shape == () and fused[1].shape == (layers, 2)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@requires_native
+def test_layers_fp32_parity_and_num_masks(gen):
+    x = layers_problem(dtype=torch.float32, c=21, h=14, w=10, gen=gen)
+    fused, ref = fused_and_reference(x, grad_scale=0.7, p=40, num_masks=2.5)
+    assert fused[0].dtype == torch.float32
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@requires_native
+def test_layers_several_chunks_per_image(gen):
+    # 256 x 200 pixels -> the CPU kernel projects 40 rows at a time; 60 rows per image here.
+    x = layers_problem(layers=3, q=40, c=8, b=2, h=256, w=200, gen=gen)
+    x["image_index"] = torch.arange(40) % 2
+    fused, ref = fused_and_reference(x, grad_scale=1.3, p=20)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_layer_points_twin(gen):
+    x = layers_problem(gen=gen)
+    args = (x["mask_embed"], x["pixel_features"], x["image_index"])
+    points = reference.point_mask_layer_points(*args, 77, 30, 20, 90)
+    assert points.shape == (3, 7, 30, 2)
+    assert points.dtype == torch.float64
+    assert ((points >= 0) & (points < 1)).all()
+    # 24-bit uniforms: exact multiples of 2^-24.
+    assert torch.equal(points * 2**24, (points * 2**24).round())
+    assert torch.equal(points, reference.point_mask_layer_points(*args, 77, 30, 20, 90))
+    other = reference.point_mask_layer_points(*args, 78, 30, 20, 90)
+    assert not torch.equal(points, other)
+    # Layers and queries get different points.
+    assert not torch.equal(points[0], points[1])
+    assert not torch.equal(points[:, 0], points[:, 1])
+    # The first 20 are the most uncertain of the 90 candidates (all candidates kept when
+    # num_uncertain = num_candidates, in index order).
+    all_candidates = reference.point_mask_layer_points(*args, 77, 90, 90, 90)
+    for layer in range(3):
+        logits = reference.point_mask_logits(
+            x["mask_embed"][layer], x["pixel_features"], x["image_index"], all_candidates[layer]
+        ).abs()
+        kept = reference.point_mask_logits(
+            x["mask_embed"][layer], x["pixel_features"], x["image_index"], points[layer, :, :20]
+        ).abs()
+        threshold = logits.sort(1).values[:, 19:20]
+        assert (kept <= threshold + 1e-12).all()
+    # Seeds wider than 32 bits and negative seeds are accepted.
+    big = reference.point_mask_layer_points(*args, 2**40 + 77, 30, 0, 0)
+    assert not torch.equal(big, reference.point_mask_layer_points(*args, 77, 30, 0, 0))
+    assert reference.point_mask_layer_points(*args, -5, 4, 0, 0).shape == (3, 7, 4, 2)
+
+
+@requires_native
+def test_layers_seed_and_generator(gen):
+    x = layers_problem(gen=gen)
+    kwargs = {"num_points": 25}
+
+    def loss(**kw):
+        return point_mask_loss_layers(*layers_args(x), **kwargs, **kw)["loss"]
+
+    assert torch.equal(loss(seed=5), loss(seed=5))
+    assert not torch.equal(loss(seed=5), loss(seed=6))
+    assert torch.equal(loss(seed=2**50 + 3), loss(seed=2**50 + 3))
+    assert torch.equal(
+        loss(generator=torch.Generator().manual_seed(9)),
+        loss(generator=torch.Generator().manual_seed(9)),
+    )
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(9)))
+    assert torch.equal(loss(generator=torch.Generator().manual_seed(9)), loss(seed=seed))
+    torch.manual_seed(3)
+    first = loss()
+    torch.manual_seed(3)
+    assert torch.equal(first, loss())
+    # Negative seeds: the op and the twin agree.
+    total, _ = reference.point_mask_loss_layers(*layers_args(x), -7, 25, 18, 75, 1.0, 1.0, 7.0)
+    torch.testing.assert_close(loss(seed=-7), total, rtol=1e-10, atol=1e-12)
+
+
+@requires_native
+def test_layers_fallback_path_matches(gen):
+    x = layers_problem(gen=gen)
+    e = x["mask_embed"].clone().requires_grad_()
+    fused = point_mask_loss_layers(e, *layers_args(x)[1:], num_points=15, seed=4)
+    fused["loss"].backward()
+    e2 = x["mask_embed"].clone().requires_grad_()
+    with use_fused(False):
+        eager = point_mask_loss_layers(e2, *layers_args(x)[1:], num_points=15, seed=4)
+    eager["loss"].backward()
+    assert not eager["loss_mask"].requires_grad
+    for key in ("loss", "loss_mask", "loss_dice"):
+        torch.testing.assert_close(fused[key].detach(), eager[key].detach())
+    torch.testing.assert_close(e.grad, e2.grad)
+
+
+@requires_native
+def test_layers_only_one_input_requires_grad(gen):
+    x = layers_problem(gen=gen)
+    f = x["pixel_features"].clone().requires_grad_()
+    out = point_mask_loss_layers(x["mask_embed"], f, *layers_args(x)[2:], num_points=9, seed=1)
+    (2 * out["loss"]).backward()
+    f2 = x["pixel_features"].clone().requires_grad_()
+    total, _ = reference.point_mask_loss_layers(
+        x["mask_embed"], f2, *layers_args(x)[2:], 1, *sampling_sizes(9, 3.0, 0.75), 1.0, 1.0, 7.0
+    )
+    (2 * total).backward()
+    torch.testing.assert_close(f.grad, f2.grad, rtol=1e-10, atol=1e-12)
+
+
+@requires_native
+def test_layers_no_grad_skips_the_gradient(gen, monkeypatch):
+    x = layers_problem(gen=gen)
+    e = x["mask_embed"].clone().requires_grad_()
+    calls = []
+    op = torch.ops.trp.point_mask_loss_layers
+
+    def spy(*args):
+        calls.append(args[-1])
+        return op(*args)
+
+    monkeypatch.setattr(torch.ops.trp, "point_mask_loss_layers", spy)
+    with torch.no_grad():
+        out = point_mask_loss_layers(e, *layers_args(x)[1:], num_points=9, seed=1)
+    assert out["loss"].grad_fn is None
+    point_mask_loss_layers(*layers_args(x), num_points=9, seed=1)  # nothing requires grad
+    point_mask_loss_layers(e, *layers_args(x)[1:], num_points=9, seed=1)
+    assert calls == [False, False, True]
+    monkeypatch.undo()
+    raw = torch.ops.trp.point_mask_loss_layers(*layers_args(x), 1, 9, 6, 27, 1.0, 1.0, 7.0, False)
+    assert raw[2].shape == (0,) and raw[3].shape == (0,)
+    with_grad = torch.ops.trp.point_mask_loss_layers(
+        *layers_args(x), 1, 9, 6, 27, 1.0, 1.0, 7.0, True
+    )
+    assert with_grad[2].shape == (3, 7, 13) and with_grad[3].shape == (3, 13, 9, 11)
+    torch.testing.assert_close(raw[0], with_grad[0], rtol=0, atol=0)
+    torch.testing.assert_close(raw[1], with_grad[1], rtol=0, atol=0)
+
+
+@requires_native
+def test_layers_backward_errors(gen):
+    x = layers_problem(gen=gen)
+    e = x["mask_embed"].clone().requires_grad_()
+    out = point_mask_loss_layers(e, *layers_args(x)[1:], num_points=9, seed=1)
+    out["loss"].backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        out["loss"].backward()
+    raw = torch.ops.trp.point_mask_loss_layers(
+        e, *layers_args(x)[1:], 1, 9, 6, 27, 1.0, 1.0, 7.0, False
+    )
+    with pytest.raises(RuntimeError, match="compute_grad=False"):
+        raw[0].backward()
+
+
+@requires_native
+def test_layers_empty_queries_and_layers(gen):
+    for layers, q in [(3, 0), (0, 5)]:
+        x = layers_problem(layers=layers, q=q, gen=gen)
+        e = x["mask_embed"].requires_grad_()
+        f = x["pixel_features"].requires_grad_()
+        out = point_mask_loss_layers(e, f, *layers_args(x)[2:], num_points=5, seed=0)
+        assert out["loss"].item() == 0
+        assert out["loss_mask"].shape == (layers,) and (out["loss_mask"] == 0).all()
+        out["loss"].backward()
+        assert (f.grad == 0).all() and e.grad.shape == (layers, q, 13)
+    # An image without queries gets a zero feature gradient.
+    x = layers_problem(q=3, gen=gen)
+    x["image_index"] = torch.tensor([0, 2, 0])
+    f = x["pixel_features"].requires_grad_()
+    point_mask_loss_layers(x["mask_embed"], f, *layers_args(x)[2:], num_points=5)["loss"].backward()
+    assert (f.grad[1] == 0).all() and (f.grad[0] != 0).any()
+
+
+@requires_native
+def test_layers_non_contiguous_and_bool_targets(gen):
+    x = layers_problem(gen=gen)
+    nc = {
+        "mask_embed": x["mask_embed"].transpose(0, 1).contiguous().transpose(0, 1),
+        "pixel_features": x["pixel_features"].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
+        "image_index": torch.stack([x["image_index"], x["image_index"]], 1)[:, 0],
+        "target_masks": x["target_masks"].bool().transpose(1, 2).contiguous().transpose(1, 2),
+    }
+    assert not any(t.is_contiguous() for t in nc.values())
+    a = point_mask_loss_layers(*layers_args(nc), num_points=17, seed=3)
+    b = point_mask_loss_layers(*layers_args(x), num_points=17, seed=3)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_layers_bad_inputs_raise(gen):
+    x = layers_problem(gen=gen)
+    e, f, i, t = layers_args(x)
+    with pytest.raises(ValueError, match=r"\[L, Q, C\]"):
+        point_mask_loss_layers(e[0], f, i, t)
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        point_mask_loss_layers(e, f[:, :3], i, t)
+    with pytest.raises(ValueError, match="image_index must be int64"):
+        point_mask_loss_layers(e, f, i[:3], t)
+    with pytest.raises(ValueError, match=r"image_index must lie in \[0, 3\)"):
+        point_mask_loss_layers(e, f, i + 5, t)
+    with pytest.raises(ValueError, match=r"target_masks must have shape \[Q, Ht, Wt\]"):
+        point_mask_loss_layers(e, f, i, t[:2])
+    with pytest.raises(ValueError, match="num_points"):
+        point_mask_loss_layers(e, f, i, t, num_points=0)
+    with pytest.raises(ValueError, match="oversample_ratio"):
+        point_mask_loss_layers(e, f, i, t, oversample_ratio=0.5)
+    with pytest.raises(ValueError, match="importance_sample_ratio"):
+        point_mask_loss_layers(e, f, i, t, importance_sample_ratio=1.5)
+    with pytest.raises(ValueError, match="num_masks"):
+        point_mask_loss_layers(e, f, i, t, num_masks=0.0)
+    with pytest.raises(TypeError, match="floating"):
+        point_mask_loss_layers(e.long(), f, i, t)
+    with pytest.raises(TypeError, match="same dtype"):
+        point_mask_loss_layers(e, f.float(), i, t)
+    with pytest.raises(ValueError, match="same device"):
+        point_mask_loss_layers(e, f.to("meta"), i, t)
+
+
+@requires_native
+def test_layers_native_op_checks_preconditions(gen):
+    x = layers_problem(gen=gen)
+    e, f, i, t = layers_args(x)
+    op = torch.ops.trp.point_mask_loss_layers
+    sizes = (1, 9, 6, 27, 1.0, 1.0, 7.0, True)
+    with pytest.raises(ValueError, match=r"mask_embed must have shape \[L, Q, C\]"):
+        op(e[0], f, i, t, *sizes)
+    with pytest.raises(ValueError, match=r"pixel_features must have shape \[B, C, H, W\]"):
+        op(e, f[:, :2], i, t, *sizes)
+    with pytest.raises(ValueError, match=r"image_index must lie in \[0, 3\)"):
+        op(e, f, i - 1, t, *sizes)
+    with pytest.raises(ValueError, match=r"image_index must have shape \[7\]"):
+        op(e, f, i[:2], t, *sizes)
+    with pytest.raises(TypeError, match="image_index must have dtype"):
+        op(e, f, i.float(), t, *sizes)
+    with pytest.raises(ValueError, match=r"target_masks must have shape"):
+        op(e, f, i, t[None], *sizes)
+    with pytest.raises(TypeError, match="same dtype"):
+        op(e, f, i, t.float(), *sizes)
+    with pytest.raises(TypeError, match="floating"):
+        op(e.long(), f.long(), i, t.long(), *sizes)
+    with pytest.raises(ValueError, match="num_points must lie"):
+        op(e, f, i, t, 1, 0, 0, 0, 1.0, 1.0, 7.0, True)
+    with pytest.raises(ValueError, match="num_uncertain must lie"):
+        op(e, f, i, t, 1, 9, 10, 27, 1.0, 1.0, 7.0, True)
+    with pytest.raises(ValueError, match="num_candidates must lie"):
+        op(e, f, i, t, 1, 9, 6, 5, 1.0, 1.0, 7.0, True)
+    with pytest.raises(ValueError, match="num_masks must be positive"):
+        op(e, f, i, t, 1, 9, 6, 27, 1.0, 1.0, 0.0, True)
+
+
+@requires_native
+@pytest.mark.parametrize("compute_grad", [True, False])
+def test_layers_opcheck(compute_grad, gen):
+    x = layers_problem(layers=2, q=4, c=5, h=5, w=6, gen=gen)
+    # The raw op gives gradients only when asked for them (compute_grad).
+    x["mask_embed"].requires_grad_(compute_grad)
+    x["pixel_features"].requires_grad_(compute_grad)
+    args = (*layers_args(x), 11, 9, 6, 27, 2.0, 3.0, 4.0, compute_grad)
+    torch.library.opcheck(
+        torch.ops.trp.point_mask_loss_layers,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+
+
+@requires_native
+def test_layers_torch_compile_no_graph_break(gen):
+    x = layers_problem(q=4, c=5, gen=gen)
+
+    def fn(e, f, i, t):
+        return point_mask_loss_layers(e, f, i, t, num_points=8, seed=21, weight_mask=5.0)["loss"]
+
+    e = x["mask_embed"].clone().requires_grad_()
+    compiled = torch.compile(fn, fullgraph=True)
+    out = compiled(e, *layers_args(x)[1:])
+    out.backward()
+    e2 = x["mask_embed"].clone().requires_grad_()
+    expected = fn(e2, *layers_args(x)[1:])
+    expected.backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(e.grad, e2.grad)

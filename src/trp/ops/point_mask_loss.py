@@ -425,9 +425,10 @@ def _register() -> None:
         _, per_layer, grad_embed, grad_features = output
         ctx.mark_non_differentiable(per_layer, grad_embed, grad_features)
         ctx.compute_grad = inputs[-1]
-        # Kept as attributes, not saved tensors: the backward hands them on (scaled in place)
-        # and drops them, so no second copy of the [B, C, H, W] gradient is ever made.
-        ctx.grads = (grad_embed, grad_features)
+        ctx.used = False
+        # The backward scales these in place and hands them on; once it has run the saved
+        # tensors are released, so autograd can take them as .grad without a copy.
+        ctx.save_for_backward(grad_embed, grad_features)
 
     def layers_backward(ctx, grad_total: Tensor, *_):
         if not ctx.compute_grad:
@@ -436,17 +437,22 @@ def _register() -> None:
                 "gradient to give (trp.ops.point_mask_loss_layers sets it when an input "
                 "requires grad)"
             )
-        if ctx.grads is None:
+        if ctx.used:
             raise RuntimeError(
                 "trp::point_mask_loss_layers: backward through the same loss a second time is "
-                "not supported (its gradients are computed once in the forward and handed on); "
-                "call the loss again instead of retain_graph=True"
+                "not supported (its gradients are computed once in the forward and scaled in "
+                "place); call the loss again instead of using retain_graph=True"
             )
-        grad_embed, grad_features = ctx.grads
-        ctx.grads = None
+        ctx.used = True
+        grad_embed, grad_features = ctx.saved_tensors
+        if type(grad_total) is Tensor and type(grad_features) is Tensor:
+            # Eager: scale in place, no second [B, C, H, W] buffer.
+            scale = torch.Tensor.mul_
+        else:  # traced (functional/fake tensors under torch.compile): out of place
+            scale = torch.mul
         return (
-            grad_embed.mul_(grad_total) if ctx.needs_input_grad[0] else None,
-            grad_features.mul_(grad_total) if ctx.needs_input_grad[1] else None,
+            scale(grad_embed, grad_total) if ctx.needs_input_grad[0] else None,
+            scale(grad_features, grad_total) if ctx.needs_input_grad[1] else None,
             *([None] * 10),
         )
 
