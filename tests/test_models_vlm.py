@@ -20,6 +20,7 @@ from trp.models import (
     save_tokenizer,
     train_tokenizer,
 )
+from trp.models.light_heads import box_prior_coefficients, coordinate_channels
 from trp.recipes import ReferringCollator, load_checkpoint, save_checkpoint
 from trp.recipes.data import IndexedDataset, corpus
 
@@ -190,7 +191,8 @@ def test_light_heads_shapes_and_empty_queries() -> None:
     assert b["image_index"].tolist() == [0, 1, 1]
     m = mask(q, feats, image, object_index=obj, image_size=(64, 64))
     assert m["masks"].shape == (3, 16, 16)
-    assert m["pixel_features"].shape == (2, 8, 16, 16)
+    # 8 learned channels + the 5 coordinate channels of the box prior.
+    assert m["pixel_features"].shape == (2, 13, 16, 16)
     empty = box(q[:0], feats, image[:0], image_size=(64, 64))
     assert empty["boxes"].shape == (0, 4)
     with pytest.raises(IndexError):
@@ -266,3 +268,75 @@ def test_vrt_queries_are_the_emitting_or_own_states(shift: int) -> None:
     assert torch.equal(targets.queries, torch.cat(expected))
     with pytest.raises(ValueError, match="vrt_query_shift"):
         build_vlm({**MODEL_CFG, "vrt_query_shift": 2}, tokenizer=_tokenizer())
+
+
+def test_light_box_head_starts_at_the_reference_boxes() -> None:
+    feats = [torch.randn(2, 24, 4, 4)]
+    box = LightBoxHead(
+        in_dim=16, in_channels=[24], d_model=32, n_heads=2, dim_feedforward=32, num_layers=1
+    )
+    q = torch.randn(3, 16)
+    image = torch.tensor([0, 1, 1])
+    ref = torch.tensor([[0.3, 0.4, 0.2, 0.1], [float("nan")] * 4, [0.7, 0.6, 0.5, 0.3]])
+    out = box(q, feats, image, reference_boxes=ref)
+    # The refinement starts at zero: given rows are the references, the NaN row a guess.
+    torch.testing.assert_close(out["boxes"][[0, 2]], ref[[0, 2]], atol=1e-5, rtol=0)
+    assert out["boxes"][1].isfinite().all()
+    out["boxes"][1].sum().backward()
+    assert box.init_box.layers[0].weight.grad.abs().sum() > 0  # the guess trains
+    with pytest.raises(ValueError, match="reference_boxes"):
+        box(q, feats, image, reference_boxes=ref[:2])
+
+
+def test_light_mask_head_box_prior_peaks_inside_the_reference() -> None:
+    torch.manual_seed(0)
+    feats = [torch.zeros(1, 24, 4, 4)]
+    mask = LightMaskHead(
+        in_dim=16, in_channels=[24], d_model=32, n_heads=2, dim_feedforward=32, num_layers=1
+    )
+    ref = torch.tensor([[0.25, 0.25, 0.25, 0.25], [float("nan")] * 4])
+    q = torch.randn(2, 16)
+    with torch.no_grad():
+        for p in mask.mask_embed.parameters():
+            p.zero_()  # only the prior is left
+        out = mask(q, feats, torch.tensor([0, 0]), image_size=(64, 64), reference_boxes=ref)
+    m = out["masks"]  # 2 x 16 x 16
+    assert m[0, 4, 4] == m[0].max() and m[0, 4, 4] > 1.5 and m[0, 14, 14] < -10
+    assert m[1].abs().max() == 0  # no reference, no prior
+    # The same logits come out of mask_embed . pixel_features (what the point loss samples).
+    again = torch.einsum("nc,chw->nhw", out["mask_embed"], out["pixel_features"][0])
+    torch.testing.assert_close(again, m, atol=1e-4, rtol=1e-5)
+
+
+def test_box_prior_coefficients_match_the_quadratic() -> None:
+    coords = coordinate_channels(8, 8)
+    ref = torch.tensor([[0.5, 0.25, 0.5, 0.25]])
+    coeffs = box_prior_coefficients(ref, torch.tensor([3.0]), torch.tensor([1.0]), (0.1, 0.0))
+    got = torch.einsum("nc,chw->nhw", coeffs, coords)[0]
+    x, y = coords[1], coords[3]
+    want = 1.0 - 3.0 * ((x - 0.5) ** 2 / 0.35**2 + (y - 0.25) ** 2 / 0.125**2)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_reference_boxes_surround_the_named_patches() -> None:
+    model = _model()  # 64 x 64 images, a 4 x 4 patch grid
+    batch = _batch(model, with_answers=True)
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    targets = out["targets"]
+    for q, s in enumerate(targets.sample.tolist()):
+        patches = batch["parses"][s].triplets[0].targets[0].patches
+        rows = torch.tensor([p // 4 for p in patches], dtype=torch.float32)
+        cols = torch.tensor([p % 4 for p in patches], dtype=torch.float32)
+        x0, x1 = cols.min() / 4, (cols.max() + 1) / 4
+        y0, y1 = rows.min() / 4, (rows.max() + 1) / 4
+        want = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0])
+        torch.testing.assert_close(targets.reference_boxes[q], want)
+    # <REF> targets name no patch: no reference.
+    ref_batch = _batch(model, with_answers=True, target="ref")
+    ref_out = model(
+        ref_batch["images"],
+        ref_batch["input_ids"],
+        ref_batch["attention_mask"],
+        ref_batch["parses"],
+    )
+    assert ref_out["targets"].reference_boxes.isnan().all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from trp.heads.adapter import AdaptedFeatures, FeatureAdapter
@@ -137,7 +138,9 @@ class BoxHead(nn.Module):
         aux = [{"boxes": boxes, "scores": scores} for _ in range(len(self.layers) - 1)]
         return {"boxes": boxes, "scores": scores, "image_index": image_index, "aux": aux}
 
-    def decode(self, qb: QueryBatch, feats: AdaptedFeatures) -> dict:
+    def decode(
+        self, qb: QueryBatch, feats: AdaptedFeatures, reference_boxes: Tensor | None = None
+    ) -> dict:
         """Run the decoder on encoded queries and adapted features (see :meth:`forward`)."""
         if len(qb) == 0:
             return self._empty(feats.flat, qb.image_index)
@@ -145,7 +148,18 @@ class BoxHead(nn.Module):
         query_pos = qb.pad(qb.pos)  # B x M x D
         padding = qb.attention_padding_mask()  # B x M
         value = feats.flat + feats.flat_pos  # B x S x D
-        ref = self.init_box(tgt + query_pos).sigmoid()  # B x M x 4
+        guess = self.init_box(qb.embed + qb.pos).sigmoid()  # N x 4
+        if reference_boxes is not None:
+            if reference_boxes.shape != guess.shape:
+                raise ValueError(
+                    f"reference_boxes must be [{guess.shape[0]}, 4] (one per object), got "
+                    f"{list(reference_boxes.shape)}"
+                )
+            given = reference_boxes.to(guess)
+            guess = torch.where(given.isnan(), guess, given)
+        # Deformable-DETR: the first reference is not detached, so the learned guess trains
+        # through the first layer's box; later references are.
+        ref = qb.pad(guess)  # B x M x 4
         outputs = []
         for layer, box_embed, score_embed in zip(self.layers, self.box_embed, self.score_embed):
             ref_levels = ref.detach()[:, :, None, :].expand(-1, -1, self.num_levels, -1)
@@ -158,7 +172,8 @@ class BoxHead(nn.Module):
                 feats.level_start_index,
                 padding,
             )
-            box = (box_embed(tgt) + inverse_sigmoid(ref.detach())).sigmoid()  # B x M x 4
+            anchor = ref if not outputs else ref.detach()
+            box = (box_embed(tgt) + inverse_sigmoid(anchor)).sigmoid()  # B x M x 4
             outputs.append({"boxes": qb.unpad(box), "scores": qb.unpad(score_embed(tgt))[:, 0]})
             ref = box
         last = outputs[-1]
@@ -177,6 +192,7 @@ class BoxHead(nn.Module):
         *,
         object_index: Tensor | None = None,
         image_size: tuple[int, int] | None = None,
+        reference_boxes: Tensor | None = None,
     ) -> dict:
         """Decode boxes.
 
@@ -186,6 +202,9 @@ class BoxHead(nn.Module):
             query_image_index (Tensor[Nq], int64): image of each query in ``[0, B)``.
             object_index (Tensor[Nq], int64, optional): pools the queries of one object.
             image_size: unused (boxes are normalised); accepted for a uniform head interface.
+            reference_boxes (Tensor[N, 4], optional): per object, a prior box (cxcywh in
+                [0, 1]) the first layer samples around and refines, e.g. the box around the
+                patches of a VRT run; NaN rows use the box predicted from the query.
         Returns:
             dict with ``boxes`` (Tensor[N, 4], cxcywh in (0, 1)), ``scores`` (Tensor[N] logits,
             trained towards the box quality), ``image_index`` (Tensor[N]) and ``aux`` (one dict
@@ -195,4 +214,4 @@ class BoxHead(nn.Module):
         qb = self.query_encoder(
             queries, query_image_index, num_images=features[0].shape[0], object_index=object_index
         )
-        return self.decode(qb, self.adapter(features))
+        return self.decode(qb, self.adapter(features), reference_boxes)

@@ -36,8 +36,9 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
 def build_vision_encoder(cfg: Mapping[str, Any], *, image_size: int, patch_size: int) -> nn.Module:
     """A timm ViT without classifier: ``timm.create_model(name, pretrained=False, ...)``.
 
-    ``cfg``: ``name`` (timm architecture), ``embed_dim``, ``depth``, ``num_heads`` and optional
-    ``weights`` (a local ``.safetensors`` / ``.pth`` state dict; never downloaded).
+    ``cfg``: ``name`` (timm architecture), ``embed_dim``, ``depth``, ``num_heads``, optional
+    ``weights`` (a local ``.safetensors`` / ``.pth`` state dict; never downloaded) and
+    ``fused_attn`` (default true: scaled-dot-product attention kernels).
     """
     import timm
 
@@ -56,6 +57,13 @@ def build_vision_encoder(cfg: Mapping[str, Any], *, image_size: int, patch_size:
     weights = _get(cfg, "weights")
     if weights is not None:
         model.load_state_dict(_load_state_dict(weights), strict=False)
+    fused = bool(_get(cfg, "fused_attn", True))
+    for module in model.modules():
+        # timm's attention layers choose between F.scaled_dot_product_attention and the plain
+        # matmul-softmax path with this flag; on a CPU with short sequences the plain path's
+        # backward is the faster one.
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
     return model
 
 
@@ -75,15 +83,18 @@ def build_language_model(cfg: Mapping[str, Any], *, vocab_size: int) -> nn.Modul
 
     ``cfg``: ``pretrained_dir`` (a local HF model directory) or ``hidden_size``,
     ``intermediate_size``, ``num_layers``, ``num_heads``, ``num_kv_heads``, ``max_positions``,
-    ``tie_embeddings``.
+    ``tie_embeddings``; ``attn_implementation`` (``"sdpa"`` by default, or ``"eager"``).
     """
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    attn = str(_get(cfg, "attn_implementation", "sdpa"))
+    if attn not in ("sdpa", "eager"):
+        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn!r}")
     local = _get(cfg, "pretrained_dir")
     if local is not None:
         if not Path(local).is_dir():
             raise FileNotFoundError(f"language model directory not found: {local}")
-        return AutoModelForCausalLM.from_pretrained(str(local))
+        return AutoModelForCausalLM.from_pretrained(str(local), attn_implementation=attn)
     hidden, heads = int(cfg["hidden_size"]), int(cfg["num_heads"])
     if hidden % heads:
         raise ValueError(f"hidden_size={hidden} must be divisible by num_heads={heads}")
@@ -96,7 +107,7 @@ def build_language_model(cfg: Mapping[str, Any], *, vocab_size: int) -> nn.Modul
         num_key_value_heads=int(_get(cfg, "num_kv_heads", heads)),
         max_position_embeddings=int(_get(cfg, "max_positions", 512)),
         tie_word_embeddings=bool(_get(cfg, "tie_embeddings", True)),
-        attn_implementation="sdpa",
+        attn_implementation=attn,
     )
     return Qwen2ForCausalLM(config)
 

@@ -8,15 +8,15 @@ needs no fused op; the prior-art prototype on this machine used exactly this sha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from trp.heads import MLP, FeatureAdapter, QueryEncoder, quarter_size
+from trp.heads import MLP, FeatureAdapter, QueryEncoder, inverse_sigmoid, quarter_size
 
-__all__ = ["LightBoxHead", "LightMaskHead"]
+__all__ = ["LightBoxHead", "LightMaskHead", "box_prior_coefficients", "coordinate_channels"]
 
 
 class _DecoderLayer(nn.Module):
@@ -80,14 +80,20 @@ class _LightDecoder(nn.Module):
         features: Sequence[Tensor],
         query_image_index: Tensor,
         object_index: Tensor | None,
+        query_bias: Callable[[Tensor], Tensor] | None = None,
     ):
+        """Decode; ``query_bias(query [N, D]) -> [N, D]`` is added to each object's query
+        before the layers (e.g. the embedding of a reference box)."""
         self.adapter.check(features)
         feats = self.adapter(features)
         qb = self.query_encoder(
             queries, query_image_index, num_images=feats.batch_size, object_index=object_index
         )
+        query = qb.embed + qb.pos
+        if query_bias is not None:
+            query = query + query_bias(query)
         # N x T x D: the learned output tokens, each carrying its object's query.
-        x = self.tokens[None] + (qb.embed + qb.pos)[:, None, :]
+        x = self.tokens[None] + query[:, None, :]
         memory = feats.flat[qb.image_index]  # N x S x D
         for layer in self.layers:
             x = layer(x, memory, feats.flat_pos)
@@ -96,6 +102,12 @@ class _LightDecoder(nn.Module):
 
 class LightBoxHead(nn.Module):
     """Queries -> one box (normalised cxcywh) and a box-quality score logit per object.
+
+    Each box refines a reference box (Deformable-DETR's ``sigmoid(delta + logit(reference))``,
+    the delta starting at zero): the ``reference_boxes`` given per object (for a VRT run, the box
+    around the patches it names) or, for rows that are NaN or when none are given, a box
+    predicted from the query alone. The reference is embedded into the query, so the decoder's
+    attention starts where the reference points.
 
     Args:
         in_dim: LM hidden width of the queries; in_channels: channels of each feature level.
@@ -125,7 +137,12 @@ class LightBoxHead(nn.Module):
             num_tokens=1,
             pooling=pooling,
         )
+        self.init_box = MLP(in_dim=d_model, hidden_dim=d_model, out_dim=4, num_layers=2)
+        self.ref_embed = MLP(in_dim=4, hidden_dim=d_model, out_dim=d_model, num_layers=2)
         self.box_embed = MLP(in_dim=d_model, hidden_dim=d_model, out_dim=4, num_layers=3)
+        # Start at "no change": early training keeps the reference box.
+        nn.init.zeros_(self.box_embed.layers[-1].weight)
+        nn.init.zeros_(self.box_embed.layers[-1].bias)
         self.score_embed = nn.Linear(d_model, 1)
 
     def forward(
@@ -136,17 +153,68 @@ class LightBoxHead(nn.Module):
         *,
         object_index: Tensor | None = None,
         image_size: tuple[int, int] | None = None,
+        reference_boxes: Tensor | None = None,
     ) -> dict:
         """``queries`` [Nq, C_lm] -> ``boxes`` [N, 4] (cxcywh in (0, 1)), ``scores`` [N],
-        ``image_index`` [N], ``aux`` (empty: one output layer)."""
-        x, qb, _ = self.decoder.run(queries, features, query_image_index, object_index)
+        ``image_index`` [N], ``aux`` (empty: one output layer). ``reference_boxes`` [N, 4]
+        (cxcywh in [0, 1], NaN rows: none) are the priors the boxes refine."""
+        refs: list[Tensor] = []
+
+        def bias(query: Tensor) -> Tensor:
+            ref = self.init_box(query).sigmoid()
+            if reference_boxes is not None:
+                if reference_boxes.shape != ref.shape:
+                    raise ValueError(
+                        f"reference_boxes must be [{ref.shape[0]}, 4] (one per object), got "
+                        f"{list(reference_boxes.shape)}"
+                    )
+                given = reference_boxes.to(ref)
+                ref = torch.where(given.isnan(), ref, given)
+            refs.append(ref)  # the learned guess trains through the box it anchors
+            return self.ref_embed(ref.detach())
+
+        x, qb, _ = self.decoder.run(queries, features, query_image_index, object_index, bias)
         token = x[:, 0]  # N x D
         return {
-            "boxes": self.box_embed(token).sigmoid(),
+            "boxes": (self.box_embed(token) + inverse_sigmoid(refs[0])).sigmoid(),
             "scores": self.score_embed(token)[:, 0],
             "image_index": qb.image_index,
             "aux": [],
         }
+
+
+def coordinate_channels(height: int, width: int, *, device=None) -> Tensor:
+    """``[5, H, W]`` maps ``x², x, y², y, 1`` of the normalised cell centres (x, y in (0, 1))."""
+    y = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    x = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    yy, xx = torch.meshgrid(y, x, indexing="ij")
+    return torch.stack([xx * xx, xx, yy * yy, yy, torch.ones_like(xx)])
+
+
+def box_prior_coefficients(
+    reference_boxes: Tensor, scale: Tensor, bias: Tensor, margin: tuple[float, float]
+) -> Tensor:
+    """Coefficients ``[N, 5]`` over :func:`coordinate_channels` of the logit prior
+    ``bias - scale * ((x - cx)² / rx² + (y - cy)² / ry²)`` of each reference box (cxcywh; NaN
+    rows give a zero prior), with radii ``rx = w/2 + margin[0]``, ``ry = h/2 + margin[1]``
+    (a reference built from patches is coarse by about one patch).
+
+    A quadratic in the coordinates is a dot product with fixed channels, so the prior rides in
+    the mask embedding and the point-sampled loss (which dots embeddings with pixel features)
+    sees it too. Radii are floored at 1/32 to keep the coefficients bounded.
+    """
+    ref = reference_boxes.float()
+    known = ~ref.isnan().any(1, keepdim=True)
+    ref = torch.where(known, ref, torch.full_like(ref, 0.5))
+    cx, cy = ref[:, 0], ref[:, 1]
+    ix = 1 / (ref[:, 2] / 2 + margin[0]).clamp(min=1 / 32) ** 2
+    iy = 1 / (ref[:, 3] / 2 + margin[1]).clamp(min=1 / 32) ** 2
+    a, b = scale.float(), bias.float()
+    coeffs = torch.stack(
+        [-a * ix, 2 * a * cx * ix, -a * iy, 2 * a * cy * iy, b - a * (cx * cx * ix + cy * cy * iy)],
+        dim=1,
+    )
+    return coeffs * known
 
 
 class LightMaskHead(nn.Module):
@@ -160,6 +228,9 @@ class LightMaskHead(nn.Module):
         in_dim, in_channels, d_model, n_heads, dim_feedforward, num_layers, pooling: as
             :class:`LightBoxHead`.
         mask_dim: width of the pixel features and mask embeddings.
+        box_prior: with ``reference_boxes``, add to each mask's logits a learned elliptic
+            prior around its reference box (:func:`box_prior_coefficients`; 5 extra channels of
+            ``mask_embed`` / ``pixel_features``), and embed the box into the query.
     """
 
     def __init__(
@@ -173,8 +244,16 @@ class LightMaskHead(nn.Module):
         num_layers: int = 2,
         mask_dim: int = 32,
         pooling: str = "attention",
+        box_prior: bool = True,
     ) -> None:
         super().__init__()
+        self.box_prior = box_prior
+        self.ref_embed = MLP(in_dim=4, hidden_dim=d_model, out_dim=d_model, num_layers=2)
+        # softplus(1.85) ~ 2: the prior starts at +2 in the box centre and 0 on its border.
+        self.prior_params = nn.Linear(d_model, 2)
+        nn.init.zeros_(self.prior_params.weight)
+        with torch.no_grad():
+            self.prior_params.bias.copy_(torch.tensor([1.85, 2.0]))
         self.decoder = _LightDecoder(
             in_dim=in_dim,
             in_channels=in_channels,
@@ -201,11 +280,28 @@ class LightMaskHead(nn.Module):
         *,
         object_index: Tensor | None = None,
         image_size: tuple[int, int] | None = None,
+        reference_boxes: Tensor | None = None,
     ) -> dict:
-        """``queries`` [Nq, C_lm] -> ``masks`` [N, H/4, W/4] logits, ``mask_embed`` [N, C],
-        ``pixel_features`` [B, C, H/4, W/4] (what :class:`trp.losses.MaskCriterion` samples
-        points from) and ``image_index`` [N]."""
-        x, qb, feats = self.decoder.run(queries, features, query_image_index, object_index)
+        """``queries`` [Nq, C_lm] -> ``masks`` [N, H/4, W/4] logits, ``mask_embed`` [N, C'],
+        ``pixel_features`` [B, C', H/4, W/4] (what :class:`trp.losses.MaskCriterion` samples
+        points from; C' = C + 5 with the box prior) and ``image_index`` [N].
+        ``reference_boxes`` [N, 4] (cxcywh, NaN rows: none) place the box prior."""
+        refs: list[Tensor] = []
+
+        def bias(query: Tensor) -> Tensor:
+            if reference_boxes is None or not self.box_prior:
+                return torch.zeros_like(query)
+            if reference_boxes.shape != (query.shape[0], 4):
+                raise ValueError(
+                    f"reference_boxes must be [{query.shape[0]}, 4] (one per object), got "
+                    f"{list(reference_boxes.shape)}"
+                )
+            ref = reference_boxes.to(device=query.device, dtype=torch.float32)
+            refs.append(ref)
+            known = ~ref.isnan().any(1, keepdim=True)
+            return self.ref_embed(ref.nan_to_num(0.0).to(query.dtype)) * known
+
+        x, qb, feats = self.decoder.run(queries, features, query_image_index, object_index, bias)
         level = feats.maps[-1] + feats.pos[-1][None]  # B x D x h x w
         pixels = self.upsample(level)  # B x C x 4h x 4w
         if image_size is not None:
@@ -213,7 +309,19 @@ class LightMaskHead(nn.Module):
             if tuple(pixels.shape[-2:]) != size:
                 pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
         embed = self.mask_embed(x[:, 0])  # N x C
-        masks = torch.einsum("nc,nchw->nhw", embed, pixels[qb.image_index])  # N x h x w
+        if self.box_prior:
+            # fp32: the expanded quadratic cancels large terms, which bf16 cannot carry.
+            params = self.prior_params(x[:, 0]).float()
+            ref = refs[0] if refs else embed.new_full((embed.shape[0], 4), float("nan"))
+            grid = feats.maps[-1].shape[-2:]  # one patch of margin around the reference
+            coeffs = box_prior_coefficients(
+                ref.float(), F.softplus(params[:, 0]), params[:, 1], (1 / grid[1], 1 / grid[0])
+            )
+            coords = coordinate_channels(*pixels.shape[-2:], device=pixels.device)
+            embed = torch.cat([embed.float(), coeffs], dim=1)
+            pixels = torch.cat([pixels.float(), coords.expand(pixels.shape[0], -1, -1, -1)], 1)
+        with torch.autocast(pixels.device.type, enabled=False):
+            masks = torch.einsum("nc,nchw->nhw", embed.float(), pixels.float()[qb.image_index])
         return {
             "masks": masks,
             "mask_embed": embed,

@@ -18,6 +18,7 @@ Data flow (one image per sample, ``N = h * w`` patches):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,7 +39,9 @@ class TargetQueries:
 
     ``queries`` [Nq, D] hidden states; ``image_index`` [Nq] image of each query; ``object_index``
     [Nq] object (0..Q-1) of each query; ``sample``/``triplet``/``instance``/``is_vrt`` [Q] per
-    object; ``units``: the unit of each object.
+    object; ``units``: the unit of each object; ``reference_boxes`` [Q, 4] normalised cxcywh:
+    for a VRT run, the box around the patches it names (the prior a box head refines), NaN for
+    ``<REF>`` targets or when the token ids were not given.
     """
 
     queries: Tensor
@@ -49,6 +52,7 @@ class TargetQueries:
     instance: Tensor
     is_vrt: Tensor
     units: tuple[str, ...]
+    reference_boxes: Tensor
 
     def __len__(self) -> int:
         return int(self.sample.numel())
@@ -177,11 +181,33 @@ class ReferringVLM(nn.Module):
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
         )
 
-    def target_queries(self, parses: Sequence[ParseResult], hidden: Tensor) -> TargetQueries:
-        """Gather the decoder queries of every parsed target from ``hidden [B, L, D]``."""
+    def vrt_reference_boxes(self, ids: Tensor, sample: Tensor, positions: Tensor) -> Tensor:
+        """Box around the patches a VRT run names, ``-> Tensor[Q, 4]`` normalised cxcywh.
+
+        ``ids`` [B, L] token ids, ``sample`` [Q] and ``positions`` [Q, K] (padded with -1) the
+        runs' tokens. A row with no VRT among its tokens is NaN.
+        """
+        gh, gw = self.grid
+        tok = ids.cpu()[sample[:, None], positions.clamp(min=0)]  # Q x K
+        local = tok - self.vrt_base  # one image per sample: VRT k is its patch k
+        valid = (positions >= 0) & (local >= 0) & (local < self.num_patches)
+        row, col = (local // gw).float(), (local % gw).float()
+        inf = torch.tensor(float("inf"))
+        x0 = torch.where(valid, col, inf).amin(1) / gw
+        y0 = torch.where(valid, row, inf).amin(1) / gh
+        x1 = (torch.where(valid, col, -inf).amax(1) + 1) / gw
+        y1 = (torch.where(valid, row, -inf).amax(1) + 1) / gh
+        boxes = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=1)
+        return boxes.masked_fill(~valid.any(1, keepdim=True), float("nan"))
+
+    def target_queries(
+        self, parses: Sequence[ParseResult], hidden: Tensor, ids: Tensor | None = None
+    ) -> TargetQueries:
+        """Gather the decoder queries of every parsed target from ``hidden [B, L, D]``; with the
+        token ``ids [B, L]`` also the reference box of each VRT run."""
         routed = route_targets(list(parses))
         feats, image_index, object_index = [], [], []
-        sample, triplet, instance, is_vrt, units = [], [], [], [], []
+        sample, triplet, instance, is_vrt, units, refs = [], [], [], [], [], []
         offset = 0
         for unit, uq in routed.items():
             if not len(uq):
@@ -201,6 +227,11 @@ class ReferringVLM(nn.Module):
             instance.append(uq.instance)
             is_vrt.append(uq.is_vrt)
             units.extend([unit] * q)
+            refs.append(
+                self.vrt_reference_boxes(ids, uq.sample, uq.positions)
+                if ids is not None
+                else torch.full((q, 4), float("nan"))
+            )
             offset += q
         dev = hidden.device
         if not feats:
@@ -214,6 +245,7 @@ class ReferringVLM(nn.Module):
                 empty,
                 empty.bool(),
                 (),
+                hidden.new_zeros(0, 4, dtype=torch.float32),
             )
         return TargetQueries(
             queries=torch.cat(feats),
@@ -224,6 +256,7 @@ class ReferringVLM(nn.Module):
             instance=torch.cat(instance).to(dev),
             is_vrt=torch.cat(is_vrt).to(dev),
             units=tuple(units),
+            reference_boxes=torch.cat(refs).to(dev),
         )
 
     def decode_targets(
@@ -232,12 +265,17 @@ class ReferringVLM(nn.Module):
         """Run every head in ``units`` (default: all) on every target -> ``unit -> output``."""
         out = {}
         for unit in units if units is not None else list(self.heads):
-            out[unit] = self.heads[unit](
+            # Heads that take them get the reference box of each VRT run (NaN: none).
+            head = self.heads[unit]
+            takes_ref = "reference_boxes" in inspect.signature(head.forward).parameters
+            extra = {"reference_boxes": targets.reference_boxes} if takes_ref else {}
+            out[unit] = head(
                 targets.queries,
                 [fmap],
                 targets.image_index,
                 object_index=targets.object_index,
                 image_size=self.image_size,
+                **extra,
             )
         return out
 
@@ -261,7 +299,7 @@ class ReferringVLM(nn.Module):
         binding = self.binding(images.shape[0])
         embeds = self.embed_inputs(input_ids, patches, prototypes, binding)
         hidden = self.hidden_states(embeds, attention_mask).last_hidden_state  # B x L x D
-        targets = self.target_queries(parses, hidden)
+        targets = self.target_queries(parses, hidden, input_ids)
         return {
             "hidden": hidden,
             "prototypes": prototypes,
@@ -354,7 +392,7 @@ class ReferringVLM(nn.Module):
         hidden = self.hidden_states(embeds, full_mask).last_hidden_state
         prompt_len = input_ids.shape[1]
         shifted = [_shift_positions(p, prompt_len) if p is not None else _EMPTY for p in parses]
-        targets = self.target_queries(shifted, hidden)
+        targets = self.target_queries(shifted, hidden, ids)
         return gen, {"targets": targets, "heads": self.decode_targets(targets, fmap)}
 
 
