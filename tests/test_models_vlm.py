@@ -324,7 +324,7 @@ def test_reference_boxes_surround_the_named_patches() -> None:
     out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
     targets = out["targets"]
     for q, s in enumerate(targets.sample.tolist()):
-        patches = batch["parses"][s].triplets[0].targets[0].patches
+        patches = batch["parses"][s].triplets[0].targets[0].patches  # one connected object
         rows = torch.tensor([p // 4 for p in patches], dtype=torch.float32)
         cols = torch.tensor([p % 4 for p in patches], dtype=torch.float32)
         x0, x1 = cols.min() / 4, (cols.max() + 1) / 4
@@ -340,3 +340,15 @@ def test_reference_boxes_surround_the_named_patches() -> None:
         ref_batch["parses"],
     )
     assert ref_out["targets"].reference_boxes.isnan().all()
+
+
+def test_reference_box_ignores_a_stray_vrt() -> None:
+    model = _model()  # 4 x 4 grid
+    base = model.vrt_base
+    # Run: patches 5, 6 (row 1, cols 1-2), a stray 12 (row 3, col 0), then 10 (row 2, col 2).
+    ids = torch.tensor([[7, base + 5, base + 6, base + 12, base + 10, 7]])
+    boxes = model.vrt_reference_boxes(
+        ids, torch.tensor([0, 0]), torch.tensor([[1, 2, 3, 4], [0, 5, -1, -1]])
+    )
+    torch.testing.assert_close(boxes[0], torch.tensor([0.5, 0.5, 0.5, 0.5]))
+    assert boxes[1].isnan().all()  # no VRT among its tokens

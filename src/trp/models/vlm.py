@@ -185,20 +185,31 @@ class ReferringVLM(nn.Module):
         """Box around the patches a VRT run names, ``-> Tensor[Q, 4]`` normalised cxcywh.
 
         ``ids`` [B, L] token ids, ``sample`` [Q] and ``positions`` [Q, K] (padded with -1) the
-        runs' tokens. A row with no VRT among its tokens is NaN.
+        runs' tokens. The box covers the run's first patch and the patches connected to it
+        (8-neighbourhood, through the run's patches): a stray VRT elsewhere in the image does
+        not stretch it. A row with no VRT among its tokens is NaN.
         """
         gh, gw = self.grid
-        tok = ids.cpu()[sample[:, None], positions.clamp(min=0)]  # Q x K
+        tok = ids.cpu()[sample.cpu()[:, None], positions.cpu().clamp(min=0)]  # Q x K
         local = tok - self.vrt_base  # one image per sample: VRT k is its patch k
-        valid = (positions >= 0) & (local >= 0) & (local < self.num_patches)
-        row, col = (local // gw).float(), (local % gw).float()
-        inf = torch.tensor(float("inf"))
-        x0 = torch.where(valid, col, inf).amin(1) / gw
-        y0 = torch.where(valid, row, inf).amin(1) / gh
-        x1 = (torch.where(valid, col, -inf).amax(1) + 1) / gw
-        y1 = (torch.where(valid, row, -inf).amax(1) + 1) / gh
-        boxes = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=1)
-        return boxes.masked_fill(~valid.any(1, keepdim=True), float("nan"))
+        valid = (positions.cpu() >= 0) & (local >= 0) & (local < self.num_patches)
+        boxes = torch.full((len(sample), 4), float("nan"))
+        for q, (row_ids, row_valid) in enumerate(zip(local.tolist(), valid.tolist())):
+            cells = [(p // gw, p % gw) for p, v in zip(row_ids, row_valid) if v]
+            if not cells:
+                continue
+            cluster, rest = [cells[0]], cells[1:]
+            grew = True
+            while grew:
+                near = [c for c in rest if any(_adjacent(c, d) for d in cluster)]
+                grew = bool(near)
+                cluster += near
+                rest = [c for c in rest if c not in near]
+            rows, cols = [c[0] for c in cluster], [c[1] for c in cluster]
+            x0, x1 = min(cols) / gw, (max(cols) + 1) / gw
+            y0, y1 = min(rows) / gh, (max(rows) + 1) / gh
+            boxes[q] = torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0])
+        return boxes
 
     def target_queries(
         self, parses: Sequence[ParseResult], hidden: Tensor, ids: Tensor | None = None
@@ -394,6 +405,10 @@ class ReferringVLM(nn.Module):
         shifted = [_shift_positions(p, prompt_len) if p is not None else _EMPTY for p in parses]
         targets = self.target_queries(shifted, hidden, ids)
         return gen, {"targets": targets, "heads": self.decode_targets(targets, fmap)}
+
+
+def _adjacent(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return abs(a[0] - b[0]) <= 1 and abs(a[1] - b[1]) <= 1
 
 
 _EMPTY = ParseResult(triplets=(), texts=("",), positions=())
