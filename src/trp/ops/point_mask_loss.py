@@ -424,6 +424,9 @@ def _register() -> None:
     def layers_setup_context(ctx, inputs, output) -> None:
         _, per_layer, grad_embed, grad_features = output
         ctx.mark_non_differentiable(per_layer, grad_embed, grad_features)
+        # The other outputs get no gradient: do not let autograd materialise zeros of their
+        # shapes for the backward (a [B, C, H, W] buffer).
+        ctx.set_materialize_grads(False)
         ctx.compute_grad = inputs[-1]
         ctx.used = False
         # The backward scales these in place and hands them on; once it has run the saved

@@ -72,7 +72,8 @@ struct Sums {
   T target = T(0);
   T inter = T(0);
 
-  C10_HOST_DEVICE void add(T logit, T t) {
+  // Adds one point and returns sigmoid(logit).
+  C10_HOST_DEVICE T add(T logit, T t) {
     // Stable BCE with logits: max(l, 0) - l * t + log(1 + exp(-|l|)), as torch computes it;
     // the same exp(-|l|) gives the sigmoid.
     const T e = std::exp(logit >= T(0) ? -logit : logit);
@@ -81,6 +82,7 @@ struct Sums {
     prob += s;
     target += t;
     inter += s * t;
+    return s;
   }
 };
 
@@ -139,7 +141,8 @@ C10_HOST_DEVICE inline uint32_t row_key(int64_t seed, uint32_t stream, int64_t l
 template <typename T>
 C10_HOST_DEVICE inline T uniform(uint32_t key, int64_t counter) {
   const uint32_t h = mix32(mix32(key ^ static_cast<uint32_t>(counter)));
-  return static_cast<T>(h >> 8) * static_cast<T>(1.0 / 16777216.0);
+  // h >> 8 < 2^24: through int32, which converts to floating point faster than uint32.
+  return static_cast<T>(static_cast<int32_t>(h >> 8)) * static_cast<T>(1.0 / 16777216.0);
 }
 
 // Selection key of a candidate: |logit|, NaN first (-1), as the Python twin orders them. The
@@ -151,6 +154,25 @@ C10_HOST_DEVICE inline T uncertainty_key(T logit) {
 
 // pixel_features [B, C, H, W] and image_index [Q] against the embeddings `embed` (dtype and
 // device) of num_queries queries with `channels` channels.
+// dlogit of a query with fixed sums, factored per query: d/d logit = a (p - t) +
+// (c0 + c1 t) p (1 - p) with p = sigmoid(logit), the same value as dlogit(...).
+template <typename T>
+struct DlogitCoeffs {
+  T a, c0, c1;
+
+  C10_HOST_DEVICE DlogitCoeffs(const Sums<T>& s, int64_t num_points, T grad_ce, T grad_dice) {
+    const T num = T(2) * s.inter + T(1);
+    const T den = s.prob + s.target + T(1);
+    a = grad_ce / T(num_points);
+    c0 = grad_dice * num / (den * den);
+    c1 = -grad_dice * T(2) / den;
+  }
+
+  C10_HOST_DEVICE T operator()(T p, T t) const {
+    return a * (p - t) + (c0 + c1 * t) * p * (T(1) - p);
+  }
+};
+
 inline void check_features_for(const at::Tensor& embed, int64_t num_queries, int64_t channels,
                                const at::Tensor& pixel_features, const at::Tensor& image_index) {
   check_dim(pixel_features, 4, "pixel_features");

@@ -5,7 +5,7 @@
 // Per image b, the (layer, query) rows of that image are processed a bounded chunk at a time:
 //   M  = E_chunk . F_b                      (at::mm, [n, H * W], <= 8 MiB, never [L, Q, H, W])
 //   per row (at::parallel_for, one task per row): generate the candidates from the seed, sample
-//     their |logit| from M, keep the num_uncertain smallest (std::nth_element on (key, index)),
+//     their |logit| from M, keep the num_uncertain smallest (key, index) (std::nth_element),
 //     add the uniform points, sample logits and targets at the points, the sums and the losses,
 //     and scatter d total / d logit into the row's dM (race-free: the row is the task's own);
 //   grad_embed rows = dM . F_b^T, grad_features[b] += E_chunk^T . dM   (BLAS-partitioned GEMMs).
@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <numeric>
 #include <vector>
 
 #include "point_mask/point_mask.h"
@@ -34,43 +33,55 @@ struct LayerProblem {
 // Per-task scratch, reused across the rows of a task.
 template <typename T>
 struct Scratch {
-  std::vector<T> key;
-  std::vector<int64_t> order;
-  std::vector<T> x, y, logit, target;
+  std::vector<T> cx, cy, key, work;  // candidates
+  std::vector<T> x, y, logit, prob, target;
 
   explicit Scratch(const LayerProblem& p)
-      : key(p.num_candidates),
-        order(p.num_candidates),
+      : cx(p.num_uncertain > 0 ? p.num_candidates : 0),
+        cy(p.num_uncertain > 0 ? p.num_candidates : 0),
+        key(p.num_uncertain > 0 ? p.num_candidates : 0),
+        work(p.num_uncertain > 0 ? p.num_candidates : 0),
         x(p.num_points),
         y(p.num_points),
         logit(p.num_points),
+        prob(p.num_points),
         target(p.num_points) {}
 };
 
 // The points of row (layer, query) into s.x / s.y: the num_uncertain candidates with the
-// smallest (|logit|, index), in index order, then the uniform points.
+// smallest (key, index), in index order, then the uniform points. The k-th smallest key v comes
+// from std::nth_element on a copy of the keys; the kept set is every key < v plus the first
+// (in index order) keys == v up to k, which is the (key, index) order without sorting indices.
 template <typename T>
 void row_points(const LayerProblem& p, int64_t layer, int64_t query, const T* map,
                 Scratch<T>& s) {
   const int64_t k = p.num_uncertain;
   if (k > 0) {
     const uint32_t key = row_key(p.seed, kCandidateStream, layer, query);
+    // Two simple loops (hash, then sampling) rather than one: the first one vectorises.
     for (int64_t i = 0; i < p.num_candidates; ++i) {
-      const T x = uniform<T>(key, 2 * i), y = uniform<T>(key, 2 * i + 1);
-      s.key[i] = uncertainty_key(sample(map, corners<T>(x, y, p.height, p.width)));
+      s.cx[i] = uniform<T>(key, 2 * i);
+      s.cy[i] = uniform<T>(key, 2 * i + 1);
     }
-    std::iota(s.order.begin(), s.order.end(), int64_t(0));
-    if (k < p.num_candidates) {
-      const T* keys = s.key.data();
-      std::nth_element(s.order.begin(), s.order.begin() + k, s.order.end(),
-                       [keys](int64_t a, int64_t b) {
-                         return keys[a] < keys[b] || (keys[a] == keys[b] && a < b);
-                       });
-      std::sort(s.order.begin(), s.order.begin() + k);
+    for (int64_t i = 0; i < p.num_candidates; ++i) {
+      s.key[i] = uncertainty_key(sample(map, corners<T>(s.cx[i], s.cy[i], p.height, p.width)));
     }
-    for (int64_t j = 0; j < k; ++j) {
-      s.x[j] = uniform<T>(key, 2 * s.order[j]);
-      s.y[j] = uniform<T>(key, 2 * s.order[j] + 1);
+    std::copy(s.key.begin(), s.key.end(), s.work.begin());
+    std::nth_element(s.work.begin(), s.work.begin() + (k - 1), s.work.end());
+    const T v = s.work[k - 1];
+    int64_t below = 0;
+    for (int64_t i = 0; i < p.num_candidates; ++i) {
+      below += s.key[i] < v;
+    }
+    int64_t ties = k - below;  // keys == v to keep, the first ones in index order
+    int64_t j = 0;
+    for (int64_t i = 0; i < p.num_candidates && j < k; ++i) {
+      const T ki = s.key[i];
+      if (ki < v || (ki == v && ties-- > 0)) {
+        s.x[j] = s.cx[i];
+        s.y[j] = s.cy[i];
+        ++j;
+      }
     }
   }
   const uint32_t key = row_key(p.seed, kUniformStream, layer, query);
@@ -149,14 +160,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> point_mask_loss_layer
                 s.logit[j] = sample(map, corners<T>(s.x[j], s.y[j], p.height, p.width));
                 s.target[j] = sample(
                     target, corners<T>(s.x[j], s.y[j], p.target_height, p.target_width));
-                sums.add(s.logit[j], s.target[j]);
+                s.prob[j] = sums.add(s.logit[j], s.target[j]);
               }
               losses(sums, p.num_points, losses_out + r[i] * 2);
               if (dmaps != nullptr) {
                 T* drow = dmaps + i * p.pixels;
+                const DlogitCoeffs<T> dl(sums, p.num_points, grad_ce, grad_dice);
                 for (int64_t j = 0; j < p.num_points; ++j) {
-                  const T g =
-                      dlogit(s.logit[j], s.target[j], sums, p.num_points, grad_ce, grad_dice);
+                  const T g = dl(s.prob[j], s.target[j]);
                   const auto c = corners<T>(s.x[j], s.y[j], p.height, p.width);
                   for (int k = 0; k < 4; ++k) {
                     drow[c.index[k]] += c.weight[k] * g;
