@@ -73,3 +73,21 @@ def test_pixel_decoder_output_grid():
     assert out.shape == (2, 8, 13, 6)
     with pytest.raises(ValueError, match="image_size"):
         quarter_size((0, 5))
+
+
+def test_jitter_boxes_moves_within_the_scale_and_keeps_nan_rows() -> None:
+    from trp.heads import jitter_boxes
+
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.4], [float("nan")] * 4]).repeat(200, 1)
+    gen = torch.Generator().manual_seed(0)
+    out = jitter_boxes(boxes, 0.4, generator=gen)
+    assert out[1::2].isnan().all()
+    real = out[0::2]
+    assert (real[:, 2] >= 0.2 * 0.6 - 1e-6).all() and (real[:, 2] <= 0.2 * 1.4 + 1e-6).all()
+    assert ((real[:, 0] - 0.5).abs() <= 0.2 * 0.2 + 1e-6).all()
+    assert real.std(0).min() > 0  # it does move
+    assert jitter_boxes(boxes, 0.0) is boxes
+    again = jitter_boxes(boxes, 0.4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again, out, equal_nan=True)
+    with pytest.raises(ValueError, match="scale"):
+        jitter_boxes(boxes, -1.0)

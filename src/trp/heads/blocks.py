@@ -1,4 +1,5 @@
-"""Small layers shared by the decoder heads: MLP, 2-D sine-cosine positions, inverse sigmoid."""
+"""Small layers shared by the decoder heads: MLP, 2-D sine-cosine positions, inverse sigmoid,
+reference-box noise."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "inverse_sigmoid", "sine_position_embedding"]
+__all__ = ["MLP", "inverse_sigmoid", "jitter_boxes", "sine_position_embedding"]
 
 
 class MLP(nn.Module):
@@ -32,6 +33,23 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """logit(x) clamped away from 0 and 1 so refinement deltas stay finite."""
     x = x.clamp(min=0.0, max=1.0)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def jitter_boxes(boxes: Tensor, scale: float, generator: torch.Generator | None = None) -> Tensor:
+    """DN-DETR-style noise on reference boxes ``[N, 4]`` (cxcywh in [0, 1]) for training a
+    refinement: centres move by up to ``± scale / 2`` of the size, sizes are multiplied by
+    ``1 ± scale``; the result is clamped to the image. NaN rows stay NaN. ``scale = 0`` returns
+    ``boxes`` unchanged."""
+    if scale < 0:
+        raise ValueError(f"scale must be >= 0, got {scale}")
+    if scale == 0 or boxes.numel() == 0:
+        return boxes
+    u = torch.rand(boxes.shape, generator=generator, dtype=torch.float32)
+    u = (2 * u - 1).to(device=boxes.device, dtype=boxes.dtype)  # [-1, 1)
+    wh = boxes[:, 2:]
+    centre = boxes[:, :2] + u[:, :2] * wh * (scale / 2)
+    size = wh * (1 + u[:, 2:] * scale)
+    return torch.cat([centre, size], dim=1).clamp(0.0, 1.0)
 
 
 def sine_position_embedding(

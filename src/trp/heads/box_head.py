@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from trp.heads.adapter import AdaptedFeatures, FeatureAdapter
-from trp.heads.blocks import MLP, inverse_sigmoid
+from trp.heads.blocks import MLP, inverse_sigmoid, jitter_boxes
 from trp.heads.queries import QueryBatch, QueryEncoder
 from trp.ops import MSDeformAttn
 
@@ -85,6 +85,9 @@ class BoxHead(nn.Module):
         d_model, n_heads, n_points, dim_feedforward, num_layers: decoder size (DETR: 256, 8, 4,
             1024, 6).
         pooling: pooling of several queries per object (see :class:`QueryEncoder`).
+        reference_noise: in training, given ``reference_boxes`` are jittered by
+            :func:`trp.heads.jitter_boxes` with this scale (DN-DETR-style), so the refinement
+            learns to correct references that are off.
     """
 
     def __init__(
@@ -100,8 +103,12 @@ class BoxHead(nn.Module):
         dropout: float = 0.0,
         pooling: str = "attention",
         max_queries: int = 100,
+        reference_noise: float = 0.0,
     ) -> None:
         super().__init__()
+        if reference_noise < 0:
+            raise ValueError(f"reference_noise must be >= 0, got {reference_noise}")
+        self.reference_noise = reference_noise
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.adapter = FeatureAdapter(in_channels=in_channels, d_model=d_model)
@@ -156,6 +163,8 @@ class BoxHead(nn.Module):
                     f"{list(reference_boxes.shape)}"
                 )
             given = reference_boxes.to(guess)
+            if self.training:
+                given = jitter_boxes(given, self.reference_noise)
             guess = torch.where(given.isnan(), guess, given)
         # Deformable-DETR: the first reference is not detached, so the learned guess trains
         # through the first layer's box; later references are.

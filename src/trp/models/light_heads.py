@@ -14,7 +14,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from trp.heads import MLP, FeatureAdapter, QueryEncoder, inverse_sigmoid, quarter_size
+from trp.heads import (
+    MLP,
+    FeatureAdapter,
+    QueryEncoder,
+    inverse_sigmoid,
+    jitter_boxes,
+    quarter_size,
+)
 
 __all__ = ["LightBoxHead", "LightMaskHead", "box_prior_coefficients", "coordinate_channels"]
 
@@ -113,6 +120,10 @@ class LightBoxHead(nn.Module):
         in_dim: LM hidden width of the queries; in_channels: channels of each feature level.
         d_model, n_heads, dim_feedforward, num_layers: decoder size.
         pooling: how the queries of one object (a VRT run) are pooled (``QueryEncoder``).
+        reference_noise: in training, given reference boxes are jittered by
+            :func:`trp.heads.jitter_boxes` with this scale, so the refinement learns to correct
+            references that are off (a VRT run that names part of an object gives a box that
+            is too small).
     """
 
     def __init__(
@@ -125,8 +136,12 @@ class LightBoxHead(nn.Module):
         dim_feedforward: int = 256,
         num_layers: int = 2,
         pooling: str = "attention",
+        reference_noise: float = 0.0,
     ) -> None:
         super().__init__()
+        if reference_noise < 0:
+            raise ValueError(f"reference_noise must be >= 0, got {reference_noise}")
+        self.reference_noise = reference_noise
         self.decoder = _LightDecoder(
             in_dim=in_dim,
             in_channels=in_channels,
@@ -169,6 +184,8 @@ class LightBoxHead(nn.Module):
                         f"{list(reference_boxes.shape)}"
                     )
                 given = reference_boxes.to(ref)
+                if self.training:
+                    given = jitter_boxes(given, self.reference_noise)
                 ref = torch.where(given.isnan(), ref, given)
             refs.append(ref)  # the learned guess trains through the box it anchors
             return self.ref_embed(ref.detach())
