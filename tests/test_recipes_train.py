@@ -68,7 +68,8 @@ def test_recipe_trains_evaluates_and_reloads_identically(tmp_path: Path, recipe:
     written = json.loads((out / "metrics.json").read_text())
     assert written["samples"] == 6
     metrics = written["metrics"]
-    for key in ("rec/ACC@0.5", "rec/IoU", "res/gIoU", "res/cIoU", "answers/parsed"):
+    keys = ("rec/ACC@0.5", "rec/IoU", "res/gIoU", "res/cIoU", "answers/parsed")
+    for key in (*keys, "rec_from_mask/ACC@0.5", "rec_from_mask/IoU"):
         assert 0.0 <= metrics[key] <= 1.0
     # Grammar-constrained decoding: every answer parses in strict mode.
     assert metrics["answers/parsed"] == 1.0

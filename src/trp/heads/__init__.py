@@ -11,7 +11,13 @@ See ``docs/heads.md``.
 """
 
 from trp.heads.adapter import AdaptedFeatures, FeatureAdapter
-from trp.heads.blocks import MLP, inverse_sigmoid, jitter_boxes, sine_position_embedding
+from trp.heads.blocks import (
+    MLP,
+    inverse_sigmoid,
+    jitter_boxes,
+    merge_reference_boxes,
+    sine_position_embedding,
+)
 from trp.heads.box_head import BoxDecoderLayer, BoxHead
 from trp.heads.depth_head import DepthHead
 from trp.heads.keypoint_head import KeypointDecoderLayer, KeypointHead
@@ -42,6 +48,7 @@ __all__ = [
     "UnitRouter",
     "inverse_sigmoid",
     "jitter_boxes",
+    "merge_reference_boxes",
     "masks_to_boxes",
     "quarter_size",
     "sine_position_embedding",

@@ -8,7 +8,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "inverse_sigmoid", "jitter_boxes", "sine_position_embedding"]
+__all__ = [
+    "MLP",
+    "inverse_sigmoid",
+    "jitter_boxes",
+    "merge_reference_boxes",
+    "sine_position_embedding",
+]
 
 
 class MLP(nn.Module):
@@ -50,6 +56,25 @@ def jitter_boxes(boxes: Tensor, scale: float, generator: torch.Generator | None 
     centre = boxes[:, :2] + u[:, :2] * wh * (scale / 2)
     size = wh * (1 + u[:, 2:] * scale)
     return torch.cat([centre, size], dim=1).clamp(0.0, 1.0)
+
+
+def merge_reference_boxes(
+    guess: Tensor, reference_boxes: Tensor | None, *, noise: float = 0.0, training: bool = False
+) -> Tensor:
+    """The reference box of each object ``[N, 4]``: the given ``reference_boxes`` where a row is
+    not NaN (jittered by :func:`jitter_boxes` with scale ``noise`` when ``training``), else the
+    head's own ``guess``."""
+    if reference_boxes is None:
+        return guess
+    if reference_boxes.shape != guess.shape:
+        raise ValueError(
+            f"reference_boxes must be [{guess.shape[0]}, 4] (one per object), got "
+            f"{list(reference_boxes.shape)}"
+        )
+    given = reference_boxes.to(guess)
+    if training:
+        given = jitter_boxes(given, noise)
+    return torch.where(given.isnan(), guess, given)
 
 
 def sine_position_embedding(

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from trp.heads.adapter import AdaptedFeatures, FeatureAdapter
-from trp.heads.blocks import MLP, inverse_sigmoid, jitter_boxes
+from trp.heads.blocks import MLP, inverse_sigmoid, merge_reference_boxes
 from trp.heads.queries import QueryBatch, QueryEncoder
 from trp.ops import MSDeformAttn
 
@@ -156,16 +155,9 @@ class BoxHead(nn.Module):
         padding = qb.attention_padding_mask()  # B x M
         value = feats.flat + feats.flat_pos  # B x S x D
         guess = self.init_box(qb.embed + qb.pos).sigmoid()  # N x 4
-        if reference_boxes is not None:
-            if reference_boxes.shape != guess.shape:
-                raise ValueError(
-                    f"reference_boxes must be [{guess.shape[0]}, 4] (one per object), got "
-                    f"{list(reference_boxes.shape)}"
-                )
-            given = reference_boxes.to(guess)
-            if self.training:
-                given = jitter_boxes(given, self.reference_noise)
-            guess = torch.where(given.isnan(), guess, given)
+        guess = merge_reference_boxes(
+            guess, reference_boxes, noise=self.reference_noise, training=self.training
+        )
         # Deformable-DETR: the first reference is not detached, so the learned guess trains
         # through the first layer's box; later references are.
         ref = qb.pad(guess)  # B x M x 4

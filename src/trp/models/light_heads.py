@@ -19,7 +19,7 @@ from trp.heads import (
     FeatureAdapter,
     QueryEncoder,
     inverse_sigmoid,
-    jitter_boxes,
+    merge_reference_boxes,
     quarter_size,
 )
 
@@ -176,17 +176,12 @@ class LightBoxHead(nn.Module):
         refs: list[Tensor] = []
 
         def bias(query: Tensor) -> Tensor:
-            ref = self.init_box(query).sigmoid()
-            if reference_boxes is not None:
-                if reference_boxes.shape != ref.shape:
-                    raise ValueError(
-                        f"reference_boxes must be [{ref.shape[0]}, 4] (one per object), got "
-                        f"{list(reference_boxes.shape)}"
-                    )
-                given = reference_boxes.to(ref)
-                if self.training:
-                    given = jitter_boxes(given, self.reference_noise)
-                ref = torch.where(given.isnan(), ref, given)
+            ref = merge_reference_boxes(
+                self.init_box(query).sigmoid(),
+                reference_boxes,
+                noise=self.reference_noise,
+                training=self.training,
+            )
             refs.append(ref)  # the learned guess trains through the box it anchors
             return self.ref_embed(ref.detach())
 

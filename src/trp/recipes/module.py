@@ -6,8 +6,9 @@ robust exclusion of the object's other target patches, fused in
 mask losses (:class:`trp.losses.MaskCriterion`) of every target through every head.
 
 Evaluation (``test``) generates the answer greedily under the grammar constraint, decodes the
-parsed targets and accumulates REC (box head) and RES (mask head) metrics; per-sample
-predictions are kept for JSON output and overlays.
+parsed targets and accumulates REC (box head) and RES (mask head) metrics, plus REC of the tight
+boxes of the predicted masks (``rec_from_mask/*``, a diagnostic: it tells box-head errors from
+wrong objects); per-sample predictions are kept for JSON output and overlays.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from trp.heads import masks_to_boxes
 from trp.losses import BoxCriterion, MaskCriterion, box_cxcywh_to_xyxy
 from trp.metrics import RECMetric, RESMetric
 from trp.models.vlm import ReferringVLM
@@ -113,6 +115,7 @@ class ReferringModule(L.LightningModule):
             num_points=int(loss["mask_points"]),
         )
         self.rec = RECMetric()
+        self.rec_from_mask = RECMetric()
         self.res = RESMetric()
         self.predictions: list[dict[str, Any]] = []
         self._train_threads = torch.get_num_threads()
@@ -258,6 +261,11 @@ class ReferringModule(L.LightningModule):
         preds = self.predict_batch(batch)
         pred_boxes = torch.tensor([p["box"] for p in preds])
         self.rec.update(pred_boxes, batch["boxes_xyxy"].float().cpu())
+        h, w = self.model.image_size
+        from_mask = box_cxcywh_to_xyxy(masks_to_boxes(torch.stack([p["mask"] for p in preds])))
+        self.rec_from_mask.update(
+            from_mask * torch.tensor([w, h, w, h]), batch["boxes_xyxy"].float().cpu()
+        )
         self.res.update(torch.stack([p["mask"] for p in preds]), batch["masks"].cpu())
         self.predictions.extend(preds)
 
@@ -268,12 +276,14 @@ class ReferringModule(L.LightningModule):
         torch.set_num_threads(int(self.eval_cfg.get("threads", self._train_threads)))
         self.predictions = []
         self.rec.reset()
+        self.rec_from_mask.reset()
         self.res.reset()
 
     def on_test_epoch_end(self) -> None:
         torch.set_num_threads(self._train_threads)
         metrics = {f"rec/{k}": v for k, v in self.rec.compute().items()}
         metrics.update({f"res/{k}": v for k, v in self.res.compute().items()})
+        metrics.update({f"rec_from_mask/{k}": v for k, v in self.rec_from_mask.compute().items()})
         parsed = torch.tensor([float(p["parsed"]) for p in self.predictions])
         metrics["answers/parsed"] = parsed.mean() if parsed.numel() else torch.tensor(0.0)
         self.log_dict(
