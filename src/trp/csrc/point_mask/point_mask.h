@@ -218,17 +218,23 @@ inline void check_logits_inputs(const at::Tensor& mask_embed, const at::Tensor& 
   check_points(mask_embed, points);
 }
 
+// target_masks [Q, Ht, Wt] with Q = num_queries, a non-empty grid, mask_embed's dtype/device.
+inline void check_targets(const at::Tensor& mask_embed, const at::Tensor& target_masks,
+                          int64_t num_queries) {
+  check_same_dtype(mask_embed, target_masks, "mask_embed", "target_masks");
+  check_same_device(mask_embed, target_masks, "mask_embed", "target_masks");
+  TORCH_CHECK_VALUE(target_masks.dim() == 3 && target_masks.size(0) == num_queries,
+                    "target_masks must have shape [Q, Ht, Wt] with Q = ", num_queries, ", got ",
+                    target_masks.sizes());
+  TORCH_CHECK_VALUE(target_masks.size(1) > 0 && target_masks.size(2) > 0,
+                    "target_masks must have a non-empty Ht x Wt grid, got ", target_masks.sizes());
+}
+
 inline void check_loss_inputs(const at::Tensor& mask_embed, const at::Tensor& pixel_features,
                               const at::Tensor& image_index, const at::Tensor& target_masks,
                               const at::Tensor& points) {
   check_logits_inputs(mask_embed, pixel_features, image_index, points);
-  check_same_dtype(mask_embed, target_masks, "mask_embed", "target_masks");
-  check_same_device(mask_embed, target_masks, "mask_embed", "target_masks");
-  TORCH_CHECK_VALUE(target_masks.dim() == 3 && target_masks.size(0) == mask_embed.size(0),
-                    "target_masks must have shape [Q, Ht, Wt] with Q = ", mask_embed.size(0),
-                    ", got ", target_masks.sizes());
-  TORCH_CHECK_VALUE(target_masks.size(1) > 0 && target_masks.size(2) > 0,
-                    "target_masks must have a non-empty Ht x Wt grid, got ", target_masks.sizes());
+  check_targets(mask_embed, target_masks, mask_embed.size(0));
   TORCH_CHECK_VALUE(points.size(1) > 0, "points must hold at least one point per query");
 }
 
@@ -252,13 +258,7 @@ inline void check_layers_inputs(const at::Tensor& mask_embed, const at::Tensor& 
                     mask_embed.sizes());
   check_features_for(mask_embed, mask_embed.size(1), mask_embed.size(2), pixel_features,
                      image_index);
-  check_same_dtype(mask_embed, target_masks, "mask_embed", "target_masks");
-  check_same_device(mask_embed, target_masks, "mask_embed", "target_masks");
-  TORCH_CHECK_VALUE(target_masks.dim() == 3 && target_masks.size(0) == mask_embed.size(1),
-                    "target_masks must have shape [Q, Ht, Wt] with Q = ", mask_embed.size(1),
-                    ", got ", target_masks.sizes());
-  TORCH_CHECK_VALUE(target_masks.size(1) > 0 && target_masks.size(2) > 0,
-                    "target_masks must have a non-empty Ht x Wt grid, got ", target_masks.sizes());
+  check_targets(mask_embed, target_masks, mask_embed.size(1));
   constexpr int64_t kMaxCount = int64_t(1) << 30;  // point counters 2 i + 1 fit in 32 bits
   TORCH_CHECK_VALUE(num_points >= 1 && num_points <= kMaxCount,
                     "num_points must lie in [1, 2^30], got ", num_points);

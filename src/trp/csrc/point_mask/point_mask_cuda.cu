@@ -12,6 +12,7 @@
 
 #include "cuda_launch.cuh"
 #include "point_mask/point_mask.h"
+#include "point_mask/point_mask_reduce.cuh"
 
 namespace trp {
 namespace point_mask {
@@ -52,40 +53,23 @@ __global__ void sample_kernel(const scalar_t* embed, const scalar_t* features,
 template <typename scalar_t, typename acc_t>
 __global__ void reduce_kernel(const acc_t* logits, const acc_t* target_values, int64_t num_points,
                               scalar_t* losses_out, acc_t* sums_out) {
-  __shared__ acc_t shared[4][kThreads];
   const int64_t q = blockIdx.x;
   Sums<acc_t> s;
   for (int64_t p = threadIdx.x; p < num_points; p += blockDim.x) {
     s.add(logits[q * num_points + p], target_values[q * num_points + p]);
   }
-  shared[0][threadIdx.x] = s.ce;
-  shared[1][threadIdx.x] = s.prob;
-  shared[2][threadIdx.x] = s.target;
-  shared[3][threadIdx.x] = s.inter;
-  __syncthreads();
-  for (unsigned int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      for (int j = 0; j < 4; ++j) {
-        shared[j][threadIdx.x] += shared[j][threadIdx.x + stride];
-      }
-    }
-    __syncthreads();
-  }
+  const Sums<acc_t> total = block_sums(s);
   if (threadIdx.x == 0) {
-    Sums<acc_t> total;
-    total.ce = shared[0][0];
-    total.prob = shared[1][0];
-    total.target = shared[2][0];
-    total.inter = shared[3][0];
     if (losses_out != nullptr) {
       acc_t out[2];
       losses(total, num_points, out);
       losses_out[2 * q] = static_cast<scalar_t>(out[0]);
       losses_out[2 * q + 1] = static_cast<scalar_t>(out[1]);
     } else {
-      for (int j = 0; j < 4; ++j) {
-        sums_out[4 * q + j] = shared[j][0];
-      }
+      sums_out[4 * q] = total.ce;
+      sums_out[4 * q + 1] = total.prob;
+      sums_out[4 * q + 2] = total.target;
+      sums_out[4 * q + 3] = total.inter;
     }
   }
 }

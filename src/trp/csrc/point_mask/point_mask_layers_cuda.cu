@@ -17,6 +17,7 @@
 
 #include "cuda_launch.cuh"
 #include "point_mask/point_mask.h"
+#include "point_mask/point_mask_reduce.cuh"
 
 namespace trp {
 namespace point_mask {
@@ -81,34 +82,17 @@ template <typename acc_t>
 __global__ void row_reduce_kernel(const acc_t* logits, const acc_t* target_values,
                                   const int64_t* rows, acc_t* sums, acc_t* per_row,
                                   int64_t num_points) {
-  __shared__ acc_t shared[4][kThreads];
   const int64_t i = blockIdx.x;
   Sums<acc_t> s;
   for (int64_t j = threadIdx.x; j < num_points; j += blockDim.x) {
     s.add(logits[i * num_points + j], target_values[i * num_points + j]);
   }
-  shared[0][threadIdx.x] = s.ce;
-  shared[1][threadIdx.x] = s.prob;
-  shared[2][threadIdx.x] = s.target;
-  shared[3][threadIdx.x] = s.inter;
-  __syncthreads();
-  for (unsigned int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      for (int c = 0; c < 4; ++c) {
-        shared[c][threadIdx.x] += shared[c][threadIdx.x + stride];
-      }
-    }
-    __syncthreads();
-  }
+  const Sums<acc_t> total = block_sums(s);
   if (threadIdx.x == 0) {
-    Sums<acc_t> total;
-    total.ce = shared[0][0];
-    total.prob = shared[1][0];
-    total.target = shared[2][0];
-    total.inter = shared[3][0];
-    for (int c = 0; c < 4; ++c) {
-      sums[4 * i + c] = shared[c][0];
-    }
+    sums[4 * i] = total.ce;
+    sums[4 * i + 1] = total.prob;
+    sums[4 * i + 2] = total.target;
+    sums[4 * i + 3] = total.inter;
     losses(total, num_points, per_row + 2 * rows[i]);
   }
 }
