@@ -107,6 +107,12 @@ class ReferringVLM(nn.Module):
         self.language = language
         self.tokenizer = tokenizer
         self.heads = nn.ModuleDict(dict(heads))
+        # Units whose head accepts the VRT reference boxes (looked up once, not every step).
+        self._takes_reference = {
+            unit
+            for unit, head in self.heads.items()
+            if "reference_boxes" in inspect.signature(head.forward).parameters
+        }
         self.grid = (int(grid[0]), int(grid[1]))
         self.image_size = (int(image_size[0]), int(image_size[1]))
         width = int(language.config.hidden_size)
@@ -278,8 +284,11 @@ class ReferringVLM(nn.Module):
         for unit in units if units is not None else list(self.heads):
             # Heads that take them get the reference box of each VRT run (NaN: none).
             head = self.heads[unit]
-            takes_ref = "reference_boxes" in inspect.signature(head.forward).parameters
-            extra = {"reference_boxes": targets.reference_boxes} if takes_ref else {}
+            extra = (
+                {"reference_boxes": targets.reference_boxes}
+                if unit in self._takes_reference
+                else {}
+            )
             out[unit] = head(
                 targets.queries,
                 [fmap],
