@@ -180,6 +180,8 @@ def test_speaker_honours_kind_weights_and_checks_uniqueness():
     assert refer_any(twins, rng) is None
     with pytest.raises(ValueError, match="kind_weights"):
         refer(facts, 0, rng, kind_weights=(0, 0, 0))
+    with pytest.raises(ValueError, match="kind_weights"):
+        ShapesDataset(num_samples=4, kind_weights=(1, -1, 0))
 
 
 def test_near_ties_are_rejected():

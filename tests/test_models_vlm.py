@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from trp.data import ShapesDataset
 from trp.grammar import IMAGE, REF, TRP_SPECIAL_TOKENS, encode_text, vrt_base_of
 from trp.models import (
+    ConvStem,
     LightBoxHead,
     LightMaskHead,
     build_head,
@@ -20,6 +21,7 @@ from trp.models import (
     save_tokenizer,
     train_tokenizer,
 )
+from trp.heads import masks_to_boxes
 from trp.models.light_heads import box_prior_coefficients, coordinate_channels
 from trp.recipes import ReferringCollator, load_checkpoint, save_checkpoint
 from trp.recipes.data import IndexedDataset, corpus
@@ -297,7 +299,7 @@ def test_light_mask_head_box_prior_peaks_inside_the_reference() -> None:
     ref = torch.tensor([[0.25, 0.25, 0.25, 0.25], [float("nan")] * 4])
     q = torch.randn(2, 16)
     with torch.no_grad():
-        for p in mask.mask_embed.parameters():
+        for p in mask.readout.embed.parameters():
             p.zero_()  # only the prior is left
         out = mask(q, feats, torch.tensor([0, 0]), image_size=(64, 64), reference_boxes=ref)
     m = out["masks"]  # 2 x 16 x 16
@@ -352,3 +354,67 @@ def test_reference_box_ignores_a_stray_vrt() -> None:
     )
     torch.testing.assert_close(boxes[0], torch.tensor([0.5, 0.5, 0.5, 0.5]))
     assert boxes[1].isnan().all()  # no VRT among its tokens
+
+
+def test_conv_stem_is_stride_four_and_checks_its_input() -> None:
+    stem = ConvStem(6)
+    assert stem(torch.randn(2, 3, 32, 48)).shape == (2, 6, 8, 12)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        stem(torch.randn(2, 3, 30, 32))
+    with pytest.raises(ValueError, match="channels"):
+        ConvStem(0)
+
+
+def test_light_box_head_reads_its_box_off_the_region_map() -> None:
+    torch.manual_seed(0)
+    feats = [torch.randn(2, 24, 4, 4)]
+    fine = torch.randn(2, 4, 16, 16)
+    box = LightBoxHead(
+        in_dim=16,
+        in_channels=[24],
+        d_model=32,
+        n_heads=2,
+        dim_feedforward=32,
+        num_layers=1,
+        region=True,
+        mask_dim=8,
+        fine_channels=4,
+    )
+    q = torch.randn(3, 16)
+    image = torch.tensor([0, 1, 1])
+    ref = torch.tensor([[0.3, 0.4, 0.2, 0.1], [float("nan")] * 4, [0.7, 0.6, 0.5, 0.3]])
+    out = box(q, feats, image, image_size=(64, 64), reference_boxes=ref, fine_features=fine)
+    region = out["region_logits"]
+    assert region.shape == (3, 16, 16)
+    # The refinement starts at zero: every box is the extent of its map's positive pixels
+    # (rows whose map is empty fall back to the reference).
+    extent = masks_to_boxes(region > 0)
+    found = extent[:, 2] > 0
+    assert found.any()
+    torch.testing.assert_close(out["boxes"][found], extent[found], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["boxes"][~found], ref[~found], atol=1e-4, rtol=0)
+    region.sum().backward()
+    assert box.region.fine.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="fine_features"):
+        box(q, feats, image, image_size=(64, 64))
+
+
+def test_vlm_with_fine_stem_feeds_the_heads_and_region_losses_train() -> None:
+    from trp.recipes.module import ReferringModule
+
+    cfg = {**MODEL_CFG, "fine_channels": 4}
+    cfg["heads"] = {**MODEL_CFG["heads"], "box": {**MODEL_CFG["heads"]["box"], "region": True}}
+    torch.manual_seed(0)
+    model = build_vlm(cfg, tokenizer=_tokenizer())
+    assert isinstance(model.fine_stem, ConvStem)
+    batch = _batch(model, with_answers=True)
+    weights = {"token": 1, "box_l1": 5, "box_giou": 2, "box_score": 1, "box_region": 3,
+               "mask_ce": 5, "mask_dice": 5, "mask_points": 64}
+    module = ReferringModule(model=model, optim={"lr": 1e-3}, loss=weights,
+                             eval={"max_new_tokens": 8})
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    assert out["heads"]["box"]["region_logits"].shape == (len(out["targets"]), 16, 16)
+    losses = module.head_losses(out["heads"], out["targets"], batch)
+    assert {"box/loss_region_ce", "box/loss_region_dice"} <= set(losses)
+    sum(losses.values()).backward()
+    assert model.fine_stem.layers[0].weight.grad.abs().sum() > 0

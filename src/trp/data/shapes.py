@@ -91,7 +91,12 @@ class ShapesDataset(Dataset):
         self.height, self.width = int(image_size[0]), int(image_size[1])
         self.task = task
         self.min_shapes, self.max_shapes = min_shapes, max_shapes
-        self.kind_weights = tuple(kind_weights)
+        weights = tuple(float(w) for w in kind_weights)
+        if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(
+                f"kind_weights must be 3 non-negative numbers with a positive sum, got {kind_weights}"
+            )
+        self.kind_weights = weights
         self.prompt_types = tuple(prompt_types)
         self.class_names = SHAPE_CLASSES
 

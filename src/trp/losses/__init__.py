@@ -1,6 +1,7 @@
 """Losses and matching of trp's decoder heads."""
 
 from trp.losses.box_loss import BoxCriterion, box_cxcywh_to_xyxy
+from trp.losses.box_region_loss import box_region_loss, box_region_masks
 from trp.losses.depth_loss import DepthCriterion, gradient_matching_loss, silog_loss
 from trp.losses.group_matcher import GroupMatcher, match_in_groups
 from trp.losses.keypoint_loss import (
@@ -21,6 +22,8 @@ __all__ = [
     "MaskCriterion",
     "assign",
     "box_cxcywh_to_xyxy",
+    "box_region_loss",
+    "box_region_masks",
     "flatten_targets",
     "gradient_matching_loss",
     "mask_match_cost",

@@ -6,6 +6,7 @@ from local weights; the tokenizer trained on the task's corpus or loaded from a 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from torch import nn
 
 from trp.grammar import resize_embeddings
 from trp.heads import BoxHead, MaskHead
+from trp.models.fine_stem import ConvStem
 from trp.models.light_heads import LightBoxHead, LightMaskHead
 from trp.models.tokenizer import load_tokenizer, train_tokenizer
 from trp.models.vlm import ReferringVLM
@@ -130,23 +132,33 @@ HEAD_IMPLS: dict[str, dict[str, type[nn.Module]]] = {
 
 
 def build_head(
-    unit: str, cfg: Mapping[str, Any], *, in_dim: int, in_channels: list[int]
+    unit: str,
+    cfg: Mapping[str, Any],
+    *,
+    in_dim: int,
+    in_channels: list[int],
+    fine_channels: int = 0,
 ) -> nn.Module:
-    """The head of ``unit`` from ``cfg`` (``impl`` plus the head's keyword arguments)."""
+    """The head of ``unit`` from ``cfg`` (``impl`` plus the head's keyword arguments);
+    ``fine_channels`` (of the model's fine stem) goes to heads that read fine features."""
     if unit not in HEAD_IMPLS:
         raise ValueError(f"no head for unit {unit!r}; known: {sorted(HEAD_IMPLS)}")
     kwargs = dict(cfg)
     impl = kwargs.pop("impl", "light")
     if impl not in HEAD_IMPLS[unit]:
         raise ValueError(f"unknown {unit} head impl {impl!r}; known: {sorted(HEAD_IMPLS[unit])}")
-    return HEAD_IMPLS[unit][impl](in_dim=in_dim, in_channels=in_channels, **kwargs)
+    cls = HEAD_IMPLS[unit][impl]
+    if fine_channels and "fine_channels" in inspect.signature(cls).parameters:
+        kwargs["fine_channels"] = fine_channels
+    return cls(in_dim=in_dim, in_channels=in_channels, **kwargs)
 
 
 def build_vlm(cfg: Mapping[str, Any], *, tokenizer) -> ReferringVLM:
     """The reference :class:`ReferringVLM` from a ``model`` config and a tokenizer.
 
     ``cfg``: ``image_size``, ``patch_size``, ``vision``, ``language``, ``heads`` (unit -> head
-    config), ``prototype_rank`` and ``vrt_query_shift``.
+    config), ``prototype_rank``, ``vrt_query_shift`` and ``fine_channels`` (> 0: a
+    :class:`ConvStem` of that width feeds stride-4 features to the heads that read them).
     """
     image_size, patch_size = int(cfg["image_size"]), int(cfg["patch_size"])
     vision = build_vision_encoder(cfg["vision"], image_size=image_size, patch_size=patch_size)
@@ -154,8 +166,13 @@ def build_vlm(cfg: Mapping[str, Any], *, tokenizer) -> ReferringVLM:
     resize_embeddings(language, tokenizer)
     width = int(language.config.hidden_size)
     vision_dim = int(cfg["vision"]["embed_dim"])
+    fine_channels = int(_get(cfg, "fine_channels", 0))
+    if fine_channels < 0:
+        raise ValueError(f"fine_channels must be >= 0, got {fine_channels}")
     heads = {
-        unit: build_head(unit, head_cfg, in_dim=width, in_channels=[vision_dim])
+        unit: build_head(
+            unit, head_cfg, in_dim=width, in_channels=[vision_dim], fine_channels=fine_channels
+        )
         for unit, head_cfg in cfg["heads"].items()
     }
     grid = image_size // patch_size
@@ -169,4 +186,5 @@ def build_vlm(cfg: Mapping[str, Any], *, tokenizer) -> ReferringVLM:
         vision_dim=vision_dim,
         prototype_rank=int(_get(cfg, "prototype_rank", 64)),
         vrt_query_shift=int(_get(cfg, "vrt_query_shift", 1)),
+        fine_stem=ConvStem(fine_channels) if fine_channels else None,
     )

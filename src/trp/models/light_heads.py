@@ -19,11 +19,18 @@ from trp.heads import (
     FeatureAdapter,
     QueryEncoder,
     inverse_sigmoid,
+    masks_to_boxes,
     merge_reference_boxes,
     quarter_size,
 )
 
-__all__ = ["LightBoxHead", "LightMaskHead", "box_prior_coefficients", "coordinate_channels"]
+__all__ = [
+    "LightBoxHead",
+    "LightMaskHead",
+    "MaskReadout",
+    "box_prior_coefficients",
+    "coordinate_channels",
+]
 
 
 class _DecoderLayer(nn.Module):
@@ -111,10 +118,13 @@ class LightBoxHead(nn.Module):
     """Queries -> one box (normalised cxcywh) and a box-quality score logit per object.
 
     Each box refines a reference box (Deformable-DETR's ``sigmoid(delta + logit(reference))``,
-    the delta starting at zero): the ``reference_boxes`` given per object (for a VRT run, the box
-    around the patches it names) or, for rows that are NaN or when none are given, a box
-    predicted from the query alone. The reference is embedded into the query, so the decoder's
-    attention starts where the reference points.
+    the delta starting at zero). The reference is, in order of preference: with ``region``, the
+    extent of the object's predicted *box region* (a :class:`MaskReadout` logit map at 1/4 of
+    the image size, trained to cover the target box, ``region_logits`` in the output; its box
+    is read at pixel precision, which regressing from a coarse token cannot reach quickly);
+    else the ``reference_boxes`` given per object (for a VRT run, the box around the patches it
+    names); else a box predicted from the query alone. The given (or predicted) reference is
+    also embedded into the query, so the decoder's attention starts where it points.
 
     Args:
         in_dim: LM hidden width of the queries; in_channels: channels of each feature level.
@@ -124,6 +134,8 @@ class LightBoxHead(nn.Module):
             :func:`trp.heads.jitter_boxes` with this scale, so the refinement learns to correct
             references that are off (a VRT run that names part of an object gives a box that
             is too small).
+        region: predict the box region map and refine its extent.
+        mask_dim, fine_channels: of the region map's :class:`MaskReadout`.
     """
 
     def __init__(
@@ -137,6 +149,9 @@ class LightBoxHead(nn.Module):
         num_layers: int = 2,
         pooling: str = "attention",
         reference_noise: float = 0.0,
+        region: bool = False,
+        mask_dim: int = 32,
+        fine_channels: int = 0,
     ) -> None:
         super().__init__()
         if reference_noise < 0:
@@ -159,6 +174,13 @@ class LightBoxHead(nn.Module):
         nn.init.zeros_(self.box_embed.layers[-1].weight)
         nn.init.zeros_(self.box_embed.layers[-1].bias)
         self.score_embed = nn.Linear(d_model, 1)
+        self.region = (
+            MaskReadout(
+                d_model=d_model, mask_dim=mask_dim, fine_channels=fine_channels, box_prior=True
+            )
+            if region
+            else None
+        )
 
     def forward(
         self,
@@ -169,10 +191,13 @@ class LightBoxHead(nn.Module):
         object_index: Tensor | None = None,
         image_size: tuple[int, int] | None = None,
         reference_boxes: Tensor | None = None,
+        fine_features: Tensor | None = None,
     ) -> dict:
         """``queries`` [Nq, C_lm] -> ``boxes`` [N, 4] (cxcywh in (0, 1)), ``scores`` [N],
-        ``image_index`` [N], ``aux`` (empty: one output layer). ``reference_boxes`` [N, 4]
-        (cxcywh in [0, 1], NaN rows: none) are the priors the boxes refine."""
+        ``image_index`` [N], ``aux`` (empty: one output layer) and, with ``region``,
+        ``region_logits`` [N, H/4, W/4]. ``reference_boxes`` [N, 4] (cxcywh in [0, 1], NaN
+        rows: none) are the priors the boxes refine; ``fine_features`` [B, C_f, H/4, W/4] are
+        required when built with ``fine_channels``."""
         refs: list[Tensor] = []
 
         def bias(query: Tensor) -> Tensor:
@@ -185,14 +210,25 @@ class LightBoxHead(nn.Module):
             refs.append(ref)  # the learned guess trains through the box it anchors
             return self.ref_embed(ref.detach())
 
-        x, qb, _ = self.decoder.run(queries, features, query_image_index, object_index, bias)
+        x, qb, feats = self.decoder.run(queries, features, query_image_index, object_index, bias)
         token = x[:, 0]  # N x D
-        return {
-            "boxes": (self.box_embed(token) + inverse_sigmoid(refs[0])).sigmoid(),
-            "scores": self.score_embed(token)[:, 0],
-            "image_index": qb.image_index,
-            "aux": [],
-        }
+        base = refs[0]
+        out = {"scores": self.score_embed(token)[:, 0], "image_index": qb.image_index, "aux": []}
+        if self.region is not None:
+            logits, _, _ = self.region(
+                token,
+                feats.maps[-1] + feats.pos[-1][None],
+                qb.image_index,
+                image_size=image_size,
+                fine_features=fine_features,
+                reference_boxes=reference_boxes,
+            )
+            out["region_logits"] = logits
+            extent = masks_to_boxes(logits.detach() > 0)
+            found = extent[:, 2:].amin(1, keepdim=True) > 0
+            base = torch.where(found, extent.to(base.dtype), base)
+        out["boxes"] = (self.box_embed(token) + inverse_sigmoid(base)).sigmoid()
+        return out
 
 
 def coordinate_channels(height: int, width: int, *, device=None) -> Tensor:
@@ -229,17 +265,107 @@ def box_prior_coefficients(
     return coeffs * known
 
 
-class LightMaskHead(nn.Module):
-    """Queries -> one mask logit map per object at 1/4 of the image size.
+class MaskReadout(nn.Module):
+    """Per-object logit maps at 1/4 of the image size: an object's embedding dotted with pixel
+    features.
 
-    The mask token's embedding is dotted with pixel features: the adapted feature map of the
-    image (with its positions) upsampled by two 2x transposed convolutions, then resized to
-    ``quarter_size(image_size)``.
+    Pixel features = the coarse decoder map (with its positions) upsampled by two 2x transposed
+    convolutions, plus a 1x1 projection of ``fine_features`` (a stride-4 map of the image, e.g.
+    :class:`ConvStem`) when ``fine_channels > 0``: the coarse ViT grid alone cannot place an
+    edge inside a patch. With ``box_prior`` and a reference box per object, a learned elliptic
+    logit prior around the box (:func:`box_prior_coefficients`) rides on 5 extra channels.
+
+    Args:
+        d_model: width of the object tokens and of the coarse map.
+        mask_dim: width of the pixel features and embeddings.
+        fine_channels: channels of the fine map (0: none).
+        box_prior: add the reference-box prior.
+    """
+
+    def __init__(self, *, d_model: int, mask_dim: int, fine_channels: int, box_prior: bool):
+        super().__init__()
+        if fine_channels < 0:
+            raise ValueError(f"fine_channels must be >= 0, got {fine_channels}")
+        self.box_prior = box_prior
+        self.upsample = nn.Sequential(
+            nn.ConvTranspose2d(d_model, d_model // 2, kernel_size=2, stride=2),
+            nn.GroupNorm(1, d_model // 2),
+            nn.GELU(),
+            nn.ConvTranspose2d(d_model // 2, mask_dim, kernel_size=2, stride=2),
+        )
+        self.fine = nn.Conv2d(fine_channels, mask_dim, kernel_size=1) if fine_channels else None
+        self.embed = MLP(in_dim=d_model, hidden_dim=d_model, out_dim=mask_dim, num_layers=3)
+        # softplus(1.85) ~ 2: the prior starts at +2 in the box centre and 0 on its border.
+        self.prior_params = nn.Linear(d_model, 2)
+        nn.init.zeros_(self.prior_params.weight)
+        with torch.no_grad():
+            self.prior_params.bias.copy_(torch.tensor([1.85, 2.0]))
+
+    def forward(
+        self,
+        token: Tensor,
+        coarse: Tensor,
+        image_index: Tensor,
+        *,
+        image_size: tuple[int, int] | None,
+        fine_features: Tensor | None,
+        reference_boxes: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``token`` [N, D] per object, ``coarse`` [B, D, h, w] (positions included) ->
+        (logits [N, H/4, W/4], embeddings [N, C'], pixel features [B, C', H/4, W/4])."""
+        pixels = self.upsample(coarse)  # B x C x 4h x 4w
+        size = quarter_size(image_size) if image_size is not None else tuple(pixels.shape[-2:])
+        if self.fine is not None:
+            if fine_features is None:
+                raise ValueError("this head was built with fine_channels > 0: pass fine_features")
+            if fine_features.shape[0] != coarse.shape[0] or fine_features.dim() != 4:
+                raise ValueError(
+                    f"fine_features must be [{coarse.shape[0]}, C, H/4, W/4], got "
+                    f"{list(fine_features.shape)}"
+                )
+            size = tuple(fine_features.shape[-2:])
+        if tuple(pixels.shape[-2:]) != size:
+            pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
+        if self.fine is not None:
+            pixels = pixels + self.fine(fine_features.to(pixels.dtype))
+        embed = self.embed(token)  # N x C
+        if self.box_prior:
+            # fp32: the expanded quadratic cancels large terms, which bf16 cannot carry.
+            params = self.prior_params(token).float()
+            ref = (
+                reference_boxes.to(device=token.device, dtype=torch.float32)
+                if reference_boxes is not None
+                else embed.new_full((embed.shape[0], 4), float("nan"), dtype=torch.float32)
+            )
+            grid = coarse.shape[-2:]  # one patch of margin around the reference
+            coeffs = box_prior_coefficients(
+                ref, F.softplus(params[:, 0]), params[:, 1], (1 / grid[1], 1 / grid[0])
+            )
+            coords = coordinate_channels(*pixels.shape[-2:], device=pixels.device)
+            embed = torch.cat([embed.float(), coeffs], dim=1)
+            pixels = torch.cat([pixels.float(), coords.expand(pixels.shape[0], -1, -1, -1)], 1)
+        with torch.autocast(pixels.device.type, enabled=False):
+            logits = torch.einsum("nc,nchw->nhw", embed.float(), pixels.float()[image_index])
+        return logits, embed, pixels
+
+
+def _check_reference(reference_boxes: Tensor | None, n: int) -> None:
+    if reference_boxes is not None and reference_boxes.shape != (n, 4):
+        raise ValueError(
+            f"reference_boxes must be [{n}, 4] (one per object), got {list(reference_boxes.shape)}"
+        )
+
+
+class LightMaskHead(nn.Module):
+    """Queries -> one mask logit map per object at 1/4 of the image size (:class:`MaskReadout`
+    of the decoded mask token).
 
     Args:
         in_dim, in_channels, d_model, n_heads, dim_feedforward, num_layers, pooling: as
             :class:`LightBoxHead`.
         mask_dim: width of the pixel features and mask embeddings.
+        fine_channels: channels of the stride-4 ``fine_features`` added to the pixel features
+            (0: none).
         box_prior: with ``reference_boxes``, add to each mask's logits a learned elliptic
             prior around its reference box (:func:`box_prior_coefficients`; 5 extra channels of
             ``mask_embed`` / ``pixel_features``), and embed the box into the query.
@@ -256,16 +382,12 @@ class LightMaskHead(nn.Module):
         num_layers: int = 2,
         mask_dim: int = 32,
         pooling: str = "attention",
+        fine_channels: int = 0,
         box_prior: bool = True,
     ) -> None:
         super().__init__()
         self.box_prior = box_prior
         self.ref_embed = MLP(in_dim=4, hidden_dim=d_model, out_dim=d_model, num_layers=2)
-        # softplus(1.85) ~ 2: the prior starts at +2 in the box centre and 0 on its border.
-        self.prior_params = nn.Linear(d_model, 2)
-        nn.init.zeros_(self.prior_params.weight)
-        with torch.no_grad():
-            self.prior_params.bias.copy_(torch.tensor([1.85, 2.0]))
         self.decoder = _LightDecoder(
             in_dim=in_dim,
             in_channels=in_channels,
@@ -276,13 +398,9 @@ class LightMaskHead(nn.Module):
             num_tokens=1,
             pooling=pooling,
         )
-        self.upsample = nn.Sequential(
-            nn.ConvTranspose2d(d_model, d_model // 2, kernel_size=2, stride=2),
-            nn.GroupNorm(1, d_model // 2),
-            nn.GELU(),
-            nn.ConvTranspose2d(d_model // 2, mask_dim, kernel_size=2, stride=2),
+        self.readout = MaskReadout(
+            d_model=d_model, mask_dim=mask_dim, fine_channels=fine_channels, box_prior=box_prior
         )
-        self.mask_embed = MLP(in_dim=d_model, hidden_dim=d_model, out_dim=mask_dim, num_layers=3)
 
     def forward(
         self,
@@ -293,47 +411,32 @@ class LightMaskHead(nn.Module):
         object_index: Tensor | None = None,
         image_size: tuple[int, int] | None = None,
         reference_boxes: Tensor | None = None,
+        fine_features: Tensor | None = None,
     ) -> dict:
         """``queries`` [Nq, C_lm] -> ``masks`` [N, H/4, W/4] logits, ``mask_embed`` [N, C'],
         ``pixel_features`` [B, C', H/4, W/4] (what :class:`trp.losses.MaskCriterion` samples
         points from; C' = C + 5 with the box prior) and ``image_index`` [N].
-        ``reference_boxes`` [N, 4] (cxcywh, NaN rows: none) place the box prior."""
-        refs: list[Tensor] = []
+        ``reference_boxes`` [N, 4] (cxcywh, NaN rows: none) place the box prior;
+        ``fine_features`` [B, C_f, H/4, W/4] are required when built with ``fine_channels``."""
+        use_ref = reference_boxes is not None and self.box_prior
 
         def bias(query: Tensor) -> Tensor:
-            if reference_boxes is None or not self.box_prior:
+            if not use_ref:
                 return torch.zeros_like(query)
-            if reference_boxes.shape != (query.shape[0], 4):
-                raise ValueError(
-                    f"reference_boxes must be [{query.shape[0]}, 4] (one per object), got "
-                    f"{list(reference_boxes.shape)}"
-                )
+            _check_reference(reference_boxes, query.shape[0])
             ref = reference_boxes.to(device=query.device, dtype=torch.float32)
-            refs.append(ref)
             known = ~ref.isnan().any(1, keepdim=True)
             return self.ref_embed(ref.nan_to_num(0.0).to(query.dtype)) * known
 
         x, qb, feats = self.decoder.run(queries, features, query_image_index, object_index, bias)
-        level = feats.maps[-1] + feats.pos[-1][None]  # B x D x h x w
-        pixels = self.upsample(level)  # B x C x 4h x 4w
-        if image_size is not None:
-            size = quarter_size(image_size)
-            if tuple(pixels.shape[-2:]) != size:
-                pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
-        embed = self.mask_embed(x[:, 0])  # N x C
-        if self.box_prior:
-            # fp32: the expanded quadratic cancels large terms, which bf16 cannot carry.
-            params = self.prior_params(x[:, 0]).float()
-            ref = refs[0] if refs else embed.new_full((embed.shape[0], 4), float("nan"))
-            grid = feats.maps[-1].shape[-2:]  # one patch of margin around the reference
-            coeffs = box_prior_coefficients(
-                ref.float(), F.softplus(params[:, 0]), params[:, 1], (1 / grid[1], 1 / grid[0])
-            )
-            coords = coordinate_channels(*pixels.shape[-2:], device=pixels.device)
-            embed = torch.cat([embed.float(), coeffs], dim=1)
-            pixels = torch.cat([pixels.float(), coords.expand(pixels.shape[0], -1, -1, -1)], 1)
-        with torch.autocast(pixels.device.type, enabled=False):
-            masks = torch.einsum("nc,nchw->nhw", embed.float(), pixels.float()[qb.image_index])
+        masks, embed, pixels = self.readout(
+            x[:, 0],
+            feats.maps[-1] + feats.pos[-1][None],
+            qb.image_index,
+            image_size=image_size,
+            fine_features=fine_features,
+            reference_boxes=reference_boxes if use_ref else None,
+        )
         return {
             "masks": masks,
             "mask_embed": embed,

@@ -98,6 +98,7 @@ class ReferringVLM(nn.Module):
         vision_dim: int,
         prototype_rank: int = 64,
         vrt_query_shift: int = 1,
+        fine_stem: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if vrt_query_shift not in (0, 1):
@@ -107,12 +108,11 @@ class ReferringVLM(nn.Module):
         self.language = language
         self.tokenizer = tokenizer
         self.heads = nn.ModuleDict(dict(heads))
-        # Units whose head accepts the VRT reference boxes (looked up once, not every step).
-        self._takes_reference = {
-            unit
-            for unit, head in self.heads.items()
-            if "reference_boxes" in inspect.signature(head.forward).parameters
-        }
+        self.fine_stem = fine_stem
+        # Units whose head accepts the VRT reference boxes / fine features (looked up once).
+        params = {u: inspect.signature(h.forward).parameters for u, h in self.heads.items()}
+        self._takes_reference = {u for u, p in params.items() if "reference_boxes" in p}
+        self._takes_fine = {u for u, p in params.items() if "fine_features" in p}
         self.grid = (int(grid[0]), int(grid[1]))
         self.image_size = (int(image_size[0]), int(image_size[1]))
         width = int(language.config.hidden_size)
@@ -276,19 +276,29 @@ class ReferringVLM(nn.Module):
             reference_boxes=torch.cat(refs).to(dev),
         )
 
+    def fine_features(self, images: Tensor) -> Tensor | None:
+        """The ``fine_stem`` map of ``images`` ``[B, C, H/4, W/4]`` (``None`` without a stem)."""
+        return self.fine_stem(images) if self.fine_stem is not None else None
+
     def decode_targets(
-        self, targets: TargetQueries, fmap: Tensor, units: Sequence[str] | None = None
+        self,
+        targets: TargetQueries,
+        fmap: Tensor,
+        units: Sequence[str] | None = None,
+        fine: Tensor | None = None,
     ) -> dict[str, dict]:
-        """Run every head in ``units`` (default: all) on every target -> ``unit -> output``."""
+        """Run every head in ``units`` (default: all) on every target -> ``unit -> output``;
+        ``fine`` is :meth:`fine_features` of the images."""
         out = {}
         for unit in units if units is not None else list(self.heads):
-            # Heads that take them get the reference box of each VRT run (NaN: none).
+            # Heads that take them get the reference box of each VRT run (NaN: none) and the
+            # fine features.
             head = self.heads[unit]
-            extra = (
-                {"reference_boxes": targets.reference_boxes}
-                if unit in self._takes_reference
-                else {}
-            )
+            extra: dict[str, Tensor] = {}
+            if unit in self._takes_reference:
+                extra["reference_boxes"] = targets.reference_boxes
+            if unit in self._takes_fine and fine is not None:
+                extra["fine_features"] = fine
             out[unit] = head(
                 targets.queries,
                 [fmap],
@@ -325,7 +335,7 @@ class ReferringVLM(nn.Module):
             "prototypes": prototypes,
             "binding": binding,
             "targets": targets,
-            "heads": self.decode_targets(targets, fmap),
+            "heads": self.decode_targets(targets, fmap, fine=self.fine_features(images)),
         }
 
     def logits(self, hidden: Tensor, prototypes: Tensor, binding: ImageBinding) -> Tensor:
@@ -413,7 +423,8 @@ class ReferringVLM(nn.Module):
         prompt_len = input_ids.shape[1]
         shifted = [_shift_positions(p, prompt_len) if p is not None else _EMPTY for p in parses]
         targets = self.target_queries(shifted, hidden, ids)
-        return gen, {"targets": targets, "heads": self.decode_targets(targets, fmap)}
+        heads = self.decode_targets(targets, fmap, fine=self.fine_features(images))
+        return gen, {"targets": targets, "heads": heads}
 
 
 def _adjacent(a: tuple[int, int], b: tuple[int, int]) -> bool:

@@ -55,6 +55,9 @@ class ReferringCollator:
         num_vrt: VRTs per object (sampled each call, PaDT's ``"padt"`` mode).
         with_answers: encode the answers (training); otherwise left-padded prompts only.
         units: the units prompts alternate between.
+        prompt_first: put the instruction before the image tokens instead of after them: in a
+            causal LM the patch tokens can then read the expression, so each patch's state can
+            tell whether it is the referent before the answer looks for it.
 
     Returns batches with ``images`` [B, 3, H, W], ``input_ids``/``attention_mask`` [B, L]
     (right-padded full conversations, or left-padded prompts), ``labels`` [B, L] (-100 outside
@@ -74,6 +77,7 @@ class ReferringCollator:
         num_vrt: int = 4,
         with_answers: bool = True,
         units: Sequence[str] = ("box", "mask"),
+        prompt_first: bool = False,
     ) -> None:
         if target not in TARGET_KINDS:
             raise ValueError(f"target must be one of {TARGET_KINDS}, got {target!r}")
@@ -91,6 +95,7 @@ class ReferringCollator:
         self.num_vrt = num_vrt
         self.with_answers = with_answers
         self.units = tuple(units)
+        self.prompt_first = bool(prompt_first)
         self.pad_id = int(tokenizer.pad_token_id)
         self.image_text = IMAGE * (self.grid[0] * self.grid[1])
 
@@ -98,7 +103,10 @@ class ReferringCollator:
         return self.units[index % len(self.units)]
 
     def user_text(self, expression: str, unit: str) -> str:
-        return f"{self.image_text}\n{PROMPTS[unit].format(expression)}"
+        instruction = PROMPTS[unit].format(expression)
+        if self.prompt_first:
+            return f"{instruction}\n{self.image_text}"
+        return f"{self.image_text}\n{instruction}"
 
     def answer_text(self, expression: str, unit: str, patches: Sequence[int] | None) -> str:
         return format_rec(expression, unit=unit, patches=patches).text

@@ -68,6 +68,8 @@ def build_datasets(
             "min_shapes": int(cfg["min_shapes"]),
             "max_shapes": int(cfg["max_shapes"]),
         }
+        if cfg.get("kind_weights") is not None:
+            common["kind_weights"] = tuple(float(w) for w in cfg["kind_weights"])
         if int(cfg["seed"]) == int(cfg["eval_seed"]):
             raise ValueError("data.seed and data.eval_seed must differ (held-out scenes)")
         train = ShapesDataset(num_samples=int(cfg["train_size"]), seed=int(cfg["seed"]), **common)

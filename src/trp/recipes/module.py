@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from trp.heads import masks_to_boxes
-from trp.losses import BoxCriterion, MaskCriterion, box_cxcywh_to_xyxy
+from trp.losses import BoxCriterion, MaskCriterion, box_cxcywh_to_xyxy, box_region_loss
 from trp.metrics import RECMetric, RESMetric
 from trp.models.vlm import ReferringVLM
 from trp.ops import vrt_linear_cross_entropy
@@ -75,7 +75,8 @@ class ReferringModule(L.LightningModule):
         model: the VLM.
         optim: ``lr``, ``weight_decay``, ``warmup_steps``, ``betas`` and ``min_lr_ratio``
             (cosine decay to ``lr * min_lr_ratio`` over the trainer's ``max_steps``).
-        loss: weights ``token``, ``box_l1``, ``box_giou``, ``box_score``, ``mask_ce``,
+        loss: weights ``token``, ``box_l1``, ``box_giou``, ``box_score``, ``box_region`` (CE
+            and dice of a box head's ``region_logits``, when it has them), ``mask_ce``,
             ``mask_dice`` and ``mask_points`` (points sampled per mask).
         eval: ``max_new_tokens``, ``constrained``, ``mask_threshold`` and ``threads`` (intra-op
             threads while evaluating).
@@ -169,6 +170,10 @@ class ReferringModule(L.LightningModule):
             box_out["aux"] = [{k: v.float() for k, v in a.items()} for a in box_out["aux"]]
             part = self.box_criterion(box_out, {"boxes": batch["boxes"][sample]})
             losses.update({f"box/{k}": v for k, v in part.items()})
+            if "region_logits" in heads["box"]:
+                weight = float(self.loss_cfg.get("box_region", 0.0))
+                region = box_region_loss(heads["box"]["region_logits"], batch["boxes"][sample])
+                losses.update({f"box/{k}": weight * v for k, v in region.items()})
         if "mask" in heads:
             mask_out = {
                 **heads["mask"],

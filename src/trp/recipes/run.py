@@ -54,6 +54,7 @@ def _collators(cfg: DictConfig, tokenizer, grid: int) -> tuple[ReferringCollator
         "image_size": (cfg.model.image_size, cfg.model.image_size),
         "target": cfg.recipe.target,
         "num_vrt": int(cfg.recipe.num_vrt),
+        "prompt_first": bool(cfg.recipe.get("prompt_first", False)),
     }
     return (
         ReferringCollator(**common, with_answers=True),

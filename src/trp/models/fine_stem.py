@@ -1,0 +1,43 @@
+"""``ConvStem``: a stride-4 feature map of the image for the pixel-level readouts of the heads.
+
+A ViT with 16-pixel patches sees an 8 x 8 grid at 128 px: masks and boxes upsampled from it
+cannot put an edge inside a patch. Mask2Former and SAM read their masks from stride-4 backbone
+features; a plain ViT has none, so this stem (two strided 3x3 convolutions) supplies them,
+at ~13 MFLOP per 128 px image.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["ConvStem"]
+
+
+class ConvStem(nn.Module):
+    """``images [B, 3, H, W] -> [B, channels, H/4, W/4]``: conv3x3/2 - GN - GELU, twice.
+
+    Args:
+        channels: output channels (also the hidden width).
+        in_channels: image channels.
+    """
+
+    def __init__(self, channels: int = 32, in_channels: int = 3) -> None:
+        super().__init__()
+        if channels < 1 or in_channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels} and {in_channels}")
+        self.channels = channels
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_channels, channels, kernel_size=3, stride=2, padding=1),
+            nn.GroupNorm(1, channels),
+            nn.GELU(),
+            nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1),
+            nn.GroupNorm(1, channels),
+            nn.GELU(),
+        )
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.dim() != 4 or images.shape[-2] % 4 or images.shape[-1] % 4:
+            raise ValueError(
+                f"images must be [B, C, H, W] with H and W divisible by 4, got {list(images.shape)}"
+            )
+        return self.layers(images)
