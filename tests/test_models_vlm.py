@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from trp.data import ShapesDataset
 from trp.grammar import IMAGE, REF, TRP_SPECIAL_TOKENS, encode_text, vrt_base_of
+from trp.heads import masks_to_boxes
 from trp.models import (
     ConvStem,
     LightBoxHead,
@@ -21,7 +22,6 @@ from trp.models import (
     save_tokenizer,
     train_tokenizer,
 )
-from trp.heads import masks_to_boxes
 from trp.models.light_heads import box_prior_coefficients, coordinate_channels
 from trp.recipes import ReferringCollator, load_checkpoint, save_checkpoint
 from trp.recipes.data import IndexedDataset, corpus
@@ -408,10 +408,19 @@ def test_vlm_with_fine_stem_feeds_the_heads_and_region_losses_train() -> None:
     model = build_vlm(cfg, tokenizer=_tokenizer())
     assert isinstance(model.fine_stem, ConvStem)
     batch = _batch(model, with_answers=True)
-    weights = {"token": 1, "box_l1": 5, "box_giou": 2, "box_score": 1, "box_region": 3,
-               "mask_ce": 5, "mask_dice": 5, "mask_points": 64}
-    module = ReferringModule(model=model, optim={"lr": 1e-3}, loss=weights,
-                             eval={"max_new_tokens": 8})
+    weights = {
+        "token": 1,
+        "box_l1": 5,
+        "box_giou": 2,
+        "box_score": 1,
+        "box_region": 3,
+        "mask_ce": 5,
+        "mask_dice": 5,
+        "mask_points": 64,
+    }
+    module = ReferringModule(
+        model=model, optim={"lr": 1e-3}, loss=weights, eval={"max_new_tokens": 8}
+    )
     out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
     assert out["heads"]["box"]["region_logits"].shape == (len(out["targets"]), 16, 16)
     losses = module.head_losses(out["heads"], out["targets"], batch)

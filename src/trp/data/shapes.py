@@ -94,7 +94,8 @@ class ShapesDataset(Dataset):
         weights = tuple(float(w) for w in kind_weights)
         if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(
-                f"kind_weights must be 3 non-negative numbers with a positive sum, got {kind_weights}"
+                "kind_weights must be 3 non-negative numbers with a positive sum, "
+                f"got {kind_weights}"
             )
         self.kind_weights = weights
         self.prompt_types = tuple(prompt_types)
