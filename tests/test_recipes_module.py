@@ -72,6 +72,33 @@ def test_training_step_returns_a_finite_differentiable_loss() -> None:
     assert model.prototypes.down.weight.grad is not None
 
 
+def test_first_vrt_accuracy_matches_the_dense_argmax() -> None:
+    model = _model()
+    module = ReferringModule(model=model, optim=OPTIM, loss=LOSS, eval=EVAL)
+    batch = _batch(model, with_answers=True)
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    logits = model.logits(out["hidden"], out["prototypes"], out["binding"])
+    base = model.vrt_base
+    hits = []
+    for s, (positions, patches) in enumerate(batch["objects"]):
+        own = logits[s, positions[0] - 1, base : base + model.num_patches]
+        hits.append(int(own.argmax()) in patches.tolist())
+    accuracy = module.first_vrt_accuracy(out, batch)
+    assert float(accuracy) == pytest.approx(sum(hits) / len(hits))
+    # One-hot prototypes (patch k of every image = axis k): a state pointing at axis k picks
+    # patch k, so states at a target patch are all right and at a non-target all wrong.
+    n = model.num_patches
+    protos = torch.eye(n, out["hidden"].shape[-1]).repeat(len(batch["objects"]), 1)
+    right, wrong = out["hidden"].clone(), out["hidden"].clone()
+    for s, (positions, patches) in enumerate(batch["objects"]):
+        right[s, positions[0] - 1] = protos[int(patches[0])]
+        outside = sorted(set(range(n)) - set(patches.tolist()))
+        wrong[s, positions[0] - 1] = protos[outside[0]]
+    for hidden, want in ((right, 1.0), (wrong, 0.0)):
+        got = module.first_vrt_accuracy({**out, "hidden": hidden, "prototypes": protos}, batch)
+        assert float(got) == want
+
+
 def test_warmup_cosine_by_steps_and_by_time(monkeypatch: pytest.MonkeyPatch) -> None:
     sched = WarmupCosine(warmup_steps=10, total_steps=110, min_ratio=0.1)
     assert sched(0) == pytest.approx(0.1)

@@ -158,6 +158,27 @@ class ReferringModule(L.LightningModule):
             exclude_ids=kept_ids.to(dev),
         )
 
+    @torch.no_grad()
+    def first_vrt_accuracy(self, out: dict, batch: dict) -> Tensor | None:
+        """Fraction of answers whose first VRT, predicted under teacher forcing (argmax over the
+        sample's own patches), is one of its object's target patches: how often the LM picks
+        the right object. ``None`` when the batch has no VRT targets."""
+        offsets = out["binding"].sample_offsets.tolist()
+        rows, spans, allowed = [], [], []
+        for s, (positions, patches) in enumerate(batch["objects"]):
+            if positions:
+                rows.append(out["hidden"][s, positions[0] - 1])
+                spans.append((offsets[s], offsets[s + 1]))
+                allowed.append(patches)
+        if not rows:
+            return None
+        protos = out["prototypes"].float()
+        hits = [
+            float(int((row.float() @ protos[a:b].T).argmax()) in set(ok.tolist()))
+            for row, (a, b), ok in zip(rows, spans, allowed)
+        ]
+        return torch.tensor(sum(hits) / len(hits))
+
     def head_losses(self, heads: dict, targets, batch: dict) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
         sample = targets.sample
@@ -199,6 +220,9 @@ class ReferringModule(L.LightningModule):
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         self.log("train/token", token, prog_bar=True, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "token"}, batch_size=bs)
+        accuracy = self.first_vrt_accuracy(out, batch)
+        if accuracy is not None:
+            self.log("train/first_vrt_acc", accuracy, prog_bar=True, batch_size=bs)
         return total
 
     # ------------------------------------------------------------------ evaluation
