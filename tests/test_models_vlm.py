@@ -427,3 +427,21 @@ def test_vlm_with_fine_stem_feeds_the_heads_and_region_losses_train() -> None:
     assert {"box/loss_region_ce", "box/loss_region_dice"} <= set(losses)
     sum(losses.values()).backward()
     assert model.fine_stem.layers[0].weight.grad.abs().sum() > 0
+
+
+def test_conv_stem_vit_shares_the_fine_stem_and_round_trips(tmp_path) -> None:
+    cfg = {**MODEL_CFG, "fine_channels": 4, "vision": {**MODEL_CFG["vision"], "conv_stem": True}}
+    torch.manual_seed(0)
+    model = build_vlm(cfg, tokenizer=_tokenizer()).eval()
+    assert model.vision.patch_embed.backbone is model.fine_stem
+    batch = _batch(model, with_answers=True)
+    args = (batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    save_checkpoint(model, OmegaConf.create({"model": cfg, "recipe": {"name": "t"}}), tmp_path)
+    again, _ = load_checkpoint(tmp_path)
+    assert again.vision.patch_embed.backbone is again.fine_stem
+    with torch.no_grad():
+        a, b = model(*args), again(*args)
+    assert torch.equal(a["hidden"], b["hidden"])
+    assert torch.equal(a["heads"]["mask"]["masks"], b["heads"]["mask"]["masks"])
+    with pytest.raises(ValueError, match="conv_stem"):
+        build_vlm({**cfg, "fine_channels": 0}, tokenizer=_tokenizer())

@@ -6,6 +6,7 @@ from local weights; the tokenizer trained on the task's corpus or loaded from a 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -35,17 +36,30 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
     return cfg[key] if key in cfg and cfg[key] is not None else default
 
 
-def build_vision_encoder(cfg: Mapping[str, Any], *, image_size: int, patch_size: int) -> nn.Module:
+def build_vision_encoder(
+    cfg: Mapping[str, Any], *, image_size: int, patch_size: int, stem: ConvStem | None = None
+) -> nn.Module:
     """A timm ViT without classifier: ``timm.create_model(name, pretrained=False, ...)``.
 
     ``cfg``: ``name`` (timm architecture), ``embed_dim``, ``depth``, ``num_heads``, optional
     ``weights`` (a local ``.safetensors`` / ``.pth`` state dict; never downloaded) and
     ``fused_attn`` (default true: scaled-dot-product attention kernels).
+
+    With a ``stem`` (stride 4) the patch embedding is timm's ``HybridEmbed`` over it: a
+    convolutional stem instead of one linear map per patch ("Early Convolutions Help
+    Transformers See Better", Xiao et al. 2021), which learns shapes far sooner from scratch.
     """
     import timm
 
     if image_size % patch_size:
         raise ValueError(f"image_size={image_size} must be divisible by patch_size={patch_size}")
+    extra: dict[str, Any] = {}
+    if stem is not None:
+        if patch_size % ConvStem.stride:
+            raise ValueError(
+                f"patch_size={patch_size} must be divisible by the stem stride {ConvStem.stride}"
+            )
+        extra["embed_layer"] = functools.partial(_stem_embed, stem=stem)
     model = timm.create_model(
         cfg["name"],
         pretrained=False,
@@ -55,6 +69,7 @@ def build_vision_encoder(cfg: Mapping[str, Any], *, image_size: int, patch_size:
         depth=int(cfg["depth"]),
         num_heads=int(cfg["num_heads"]),
         num_classes=0,
+        **extra,
     )
     weights = _get(cfg, "weights")
     if weights is not None:
@@ -67,6 +82,25 @@ def build_vision_encoder(cfg: Mapping[str, Any], *, image_size: int, patch_size:
         if hasattr(module, "fused_attn"):
             module.fused_attn = fused
     return model
+
+
+def _stem_embed(*, stem: ConvStem, img_size, patch_size, in_chans: int, embed_dim: int, **kwargs):
+    """timm ``embed_layer`` factory: ``HybridEmbed`` over ``stem``, one token per
+    ``patch_size`` pixels (a ``patch_size / stride`` convolution on the stem's map)."""
+    from timm.layers import HybridEmbed, to_2tuple
+
+    img, patch = to_2tuple(img_size), to_2tuple(patch_size)
+    s = ConvStem.stride
+    return HybridEmbed(
+        stem,
+        img_size=img,
+        patch_size=(patch[0] // s, patch[1] // s),
+        feature_size=(img[0] // s, img[1] // s),
+        feature_ratio=s,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        **kwargs,
+    )
 
 
 def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -158,17 +192,26 @@ def build_vlm(cfg: Mapping[str, Any], *, tokenizer) -> ReferringVLM:
 
     ``cfg``: ``image_size``, ``patch_size``, ``vision``, ``language``, ``heads`` (unit -> head
     config), ``prototype_rank``, ``vrt_query_shift`` and ``fine_channels`` (> 0: a
-    :class:`ConvStem` of that width feeds stride-4 features to the heads that read them).
+    :class:`ConvStem` of that width feeds stride-4 features to the heads that read them, and
+    with ``vision.conv_stem`` also replaces the ViT's patch embedding).
     """
     image_size, patch_size = int(cfg["image_size"]), int(cfg["patch_size"])
-    vision = build_vision_encoder(cfg["vision"], image_size=image_size, patch_size=patch_size)
+    fine_channels = int(_get(cfg, "fine_channels", 0))
+    if fine_channels < 0:
+        raise ValueError(f"fine_channels must be >= 0, got {fine_channels}")
+    stem = ConvStem(fine_channels) if fine_channels else None
+    if bool(_get(cfg["vision"], "conv_stem", False)) and stem is None:
+        raise ValueError("vision.conv_stem needs a stem: set fine_channels > 0")
+    vision = build_vision_encoder(
+        cfg["vision"],
+        image_size=image_size,
+        patch_size=patch_size,
+        stem=stem if _get(cfg["vision"], "conv_stem", False) else None,
+    )
     language = build_language_model(cfg["language"], vocab_size=len(tokenizer))
     resize_embeddings(language, tokenizer)
     width = int(language.config.hidden_size)
     vision_dim = int(cfg["vision"]["embed_dim"])
-    fine_channels = int(_get(cfg, "fine_channels", 0))
-    if fine_channels < 0:
-        raise ValueError(f"fine_channels must be >= 0, got {fine_channels}")
     heads = {
         unit: build_head(
             unit, head_cfg, in_dim=width, in_channels=[vision_dim], fine_channels=fine_channels
@@ -186,5 +229,5 @@ def build_vlm(cfg: Mapping[str, Any], *, tokenizer) -> ReferringVLM:
         vision_dim=vision_dim,
         prototype_rank=int(_get(cfg, "prototype_rank", 64)),
         vrt_query_shift=int(_get(cfg, "vrt_query_shift", 1)),
-        fine_stem=ConvStem(fine_channels) if fine_channels else None,
+        fine_stem=stem,
     )

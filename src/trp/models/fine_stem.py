@@ -21,11 +21,14 @@ class ConvStem(nn.Module):
         in_channels: image channels.
     """
 
+    stride = 4
+
     def __init__(self, channels: int = 32, in_channels: int = 3) -> None:
         super().__init__()
         if channels < 1 or in_channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels} and {in_channels}")
         self.channels = channels
+        self.num_features = channels  # what timm's HybridEmbed reads as the feature width
         self.layers = nn.Sequential(
             nn.Conv2d(in_channels, channels, kernel_size=3, stride=2, padding=1),
             nn.GroupNorm(1, channels),
