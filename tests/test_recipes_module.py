@@ -113,3 +113,29 @@ def test_warmup_cosine_by_steps_and_by_time(monkeypatch: pytest.MonkeyPatch) -> 
     assert timed(1) == pytest.approx(0.5)
     now[0] = 200.0
     assert timed(2) == pytest.approx(0.0)
+
+
+def test_patch_class_probe_learns_from_the_class_maps() -> None:
+    from trp.recipes.conversation import patch_classes
+
+    # A 4 x 4 class map on a 2 x 2 grid: majorities 1, 0, 2, 0 (ties go to the lower label).
+    cmap = torch.tensor([[[1, 1, 0, 0], [1, 0, 0, 3], [2, 2, 0, 0], [2, 0, 0, 0]]])
+    assert patch_classes(cmap, (2, 2)).tolist() == [[1, 0, 2, 0]]
+    with pytest.raises(ValueError, match="patch grid"):
+        patch_classes(cmap, (3, 3))
+
+    model = _model().train()
+    loss = {**LOSS, "patch_class": 2.0}
+    module = ReferringModule(model=model, optim=OPTIM, loss=loss, eval=EVAL, num_patch_classes=6)
+    batch = _batch(model, with_answers=True)
+    assert batch["patch_classes"].shape == (len(batch["objects"]), model.num_patches)
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    value = module.patch_class_loss(out["fmap"], batch)
+    logits = module.patch_probe(out["fmap"].flatten(2).transpose(1, 2))
+    want = 2.0 * F.cross_entropy(logits.reshape(-1, 6), batch["patch_classes"].reshape(-1))
+    torch.testing.assert_close(value, want)
+    value.backward()
+    assert model.vision.patch_embed.proj.weight.grad.abs().sum() > 0
+    # Without the weight (or without classes) there is no probe.
+    assert ReferringModule(model=model, optim=OPTIM, loss=LOSS, eval=EVAL,
+                           num_patch_classes=6).patch_probe is None

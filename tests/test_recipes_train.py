@@ -177,6 +177,8 @@ def test_unknown_recipe_lists_the_known_ones() -> None:
         ("recipe.target=points", "recipe.target must be one of"),
         ("data.batch_size=0", "data.batch_size must be a positive int"),
         ("trainer.max_time=9min", "DD:HH:MM:SS"),
+        ("loss.box_giou=-1", "loss.box_giou must be a number >= 0"),
+        ("loss.mask_points=0", "loss.mask_points must be a positive int"),
     ],
 )
 def test_bad_config_values_fail_early(tmp_path: Path, override: str, match: str) -> None:
@@ -206,3 +208,13 @@ def test_model_group_switches_to_the_trp_heads() -> None:
     assert heads.box.impl == "deformable"
     assert heads.mask.impl == "two_way"
     assert "dim_feedforward" not in heads.mask
+
+
+def test_auto_precision_is_bf16_on_gpus_and_amx_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trp.recipes import config
+
+    assert config.resolve_precision("32-true", "gpu") == "32-true"
+    assert config.resolve_precision("auto", "gpu") == "bf16-mixed"
+    for amx, want in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(config, "cpu_has_amx", lambda amx=amx: amx)
+        assert config.resolve_precision("auto", "cpu") == want

@@ -102,6 +102,12 @@ class Scene:
         """Bool ``[N, H, W]``: the visible (unoccluded) pixels of every shape."""
         return self.label_map[None] == np.arange(self.num_shapes, dtype=np.int16)[:, None, None]
 
+    def class_map(self) -> np.ndarray:
+        """Uint8 ``[H, W]``: 1 + the class index of the front-most shape, 0 on the background
+        (semantic segmentation ground truth)."""
+        lookup = np.append(np.uint8(0), self.classes.astype(np.uint8) + 1).astype(np.uint8)
+        return lookup[(self.label_map + 1).astype(np.intp)]
+
     def depth_map(self) -> np.ndarray:
         """Float32 ``[H, W]``: the depth of the front-most surface (background farthest)."""
         lookup = np.append(np.float32(self.background_depth), self.depths).astype(np.float32)

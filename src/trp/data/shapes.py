@@ -8,7 +8,8 @@ Every sample has ``image`` (float32 ``[3, H, W]`` in [0, 1]), ``index`` (int) an
 
 * ``"rec"``, ``"res"`` (referring): ``expression`` (str), ``expression_kind`` (``"attribute"``,
   ``"position"`` or ``"relation"``), ``box`` (float32 ``[4]`` xyxy pixels of the visible part),
-  ``mask`` (bool ``[H, W]``, visible part), ``label`` (int class index).
+  ``mask`` (bool ``[H, W]``, visible part), ``label`` (int class index), ``class_map`` (uint8
+  ``[H, W]``: 1 + the class of every visible shape, 0 background; for auxiliary dense losses).
 * ``"caption"`` (region captioning with a visual prompt): ``prompt_type`` (one of
   ``PROMPT_TYPES``), ``prompt_mask`` (bool ``[H, W]``), ``caption`` (str, e.g.
   ``"a large red circle, partly hidden"``), ``box``, ``mask``, ``label``.
@@ -139,6 +140,8 @@ class ShapesDataset(Dataset):
             sample["box"] = torch.from_numpy(scene.boxes[target].copy())
             sample["mask"] = torch.from_numpy(mask)
             sample["label"] = int(scene.classes[target])
+            if self.task in ("rec", "res"):
+                sample["class_map"] = torch.from_numpy(scene.class_map())
             if self.task == "caption":
                 kind = self.prompt_types[int(rng.integers(len(self.prompt_types)))]
                 sample["prompt_type"] = kind

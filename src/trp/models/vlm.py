@@ -113,6 +113,7 @@ class ReferringVLM(nn.Module):
         params = {u: inspect.signature(h.forward).parameters for u, h in self.heads.items()}
         self._takes_reference = {u for u, p in params.items() if "reference_boxes" in p}
         self._takes_fine = {u for u, p in params.items() if "fine_features" in p}
+        self.vision_dim = int(vision_dim)
         self.grid = (int(grid[0]), int(grid[1]))
         self.image_size = (int(image_size[0]), int(image_size[1]))
         width = int(language.config.hidden_size)
@@ -319,7 +320,8 @@ class ReferringVLM(nn.Module):
     ) -> dict:
         """Teacher-forced forward.
 
-        Returns ``hidden`` ``[B, L, D]`` (position t predicts token t + 1; the token loss is
+        Returns ``fmap`` (the vision map ``[B, C_v, h, w]``), ``hidden`` ``[B, L, D]``
+        (position t predicts token t + 1; the token loss is
         computed from it without materialising logits, see
         :func:`trp.ops.vrt_linear_cross_entropy`), ``prototypes`` ``[B * N, D]``, ``binding``,
         ``targets`` (:class:`TargetQueries`) and ``heads`` (unit -> head output, every head on
@@ -331,6 +333,7 @@ class ReferringVLM(nn.Module):
         hidden = self.hidden_states(embeds, attention_mask).last_hidden_state  # B x L x D
         targets = self.target_queries(parses, hidden, input_ids)
         return {
+            "fmap": fmap,
             "hidden": hidden,
             "prototypes": prototypes,
             "binding": binding,

@@ -31,7 +31,13 @@ from trp.grammar import (
 from trp.heads import quarter_size
 from trp.vrt import mask_coverage, sample_target_patches, target_patches
 
-__all__ = ["PROMPTS", "TARGET_KINDS", "ReferringCollator", "clean_expression"]
+__all__ = [
+    "PROMPTS",
+    "TARGET_KINDS",
+    "ReferringCollator",
+    "clean_expression",
+    "patch_classes",
+]
 
 PROMPTS: dict[str, str] = {"box": "Locate {}.", "mask": "Segment {}."}
 TARGET_KINDS: tuple[str, ...] = ("vrt", "ref")
@@ -43,6 +49,18 @@ def clean_expression(text: str) -> str:
     for ch in _FORBIDDEN:
         text = text.replace(ch, " ")
     return " ".join(text.split()) or "object"
+
+
+def patch_classes(class_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``class_map`` [B, H, W] (0 background, 1 + class) -> ``[B, h * w]`` int64: the label
+    covering the most pixels of each patch of the ``grid``."""
+    b, h, w = class_map.shape
+    if h % grid[0] or w % grid[1]:
+        raise ValueError(f"a {h}x{w} class map does not split into a {grid} patch grid")
+    labels = class_map.long()
+    onehot = F.one_hot(labels, int(labels.max()) + 1).permute(0, 3, 1, 2).float()
+    area = F.avg_pool2d(onehot, kernel_size=(h // grid[0], w // grid[1]))  # B x K x h x w
+    return area.argmax(1).flatten(1)
 
 
 class ReferringCollator:
@@ -64,7 +82,9 @@ class ReferringCollator:
     the answers), ``parses`` (answer parses, positions in sequence coordinates), ``objects``
     (per sample, its label positions and all target patches, for the robust token loss),
     ``boxes`` [B, 4] normalised cxcywh, ``boxes_xyxy`` [B, 4] pixels, ``masks`` [B, H, W] bool,
-    ``masks_small`` [B, H/4, W/4] float, ``units``, ``expressions``, ``index``.
+    ``masks_small`` [B, H/4, W/4] float, ``units``, ``expressions``, ``index`` and, when every
+    sample has a ``class_map`` (synthetic scenes), ``patch_classes`` [B, N] (see
+    :func:`patch_classes`).
     """
 
     def __init__(
@@ -126,6 +146,9 @@ class ReferringCollator:
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         keep = ("image", "expression", "box", "mask", "index")
+        with_classes = all("class_map" in s for s in samples)
+        if with_classes:
+            keep = (*keep, "class_map")
         batch = collate([{k: s[k] for k in keep} for s in samples])
         images, masks = batch["image"], batch["mask"]
         if tuple(images.shape[-2:]) != self.image_size:
@@ -162,6 +185,8 @@ class ReferringCollator:
             "expressions": expressions,
             "index": batch["index"],
         }
+        if with_classes:
+            out["patch_classes"] = patch_classes(batch["class_map"], self.grid)
         if self.with_answers:
             out.update(self._answers(masks, expressions, units))
         else:

@@ -84,6 +84,11 @@ class ReferringModule(L.LightningModule):
         time_budget_s: the training wall-clock budget; with ``optim.schedule_by_time`` the
             cosine schedule ends when it is spent (runs stopped by ``max_time`` still anneal).
         keep_images: held-out predictions that keep their image (for overlays).
+        num_patch_classes: labels of the batches' ``patch_classes`` (background included); with
+            ``loss.patch_class > 0`` a linear probe on the vision map learns them (cross-entropy,
+            ``train/patch_class``): dense supervision that teaches a from-scratch ViT the shapes
+            the expressions name far sooner than the referring losses alone. Not part of the
+            model (checkpoints hold the VLM only).
     """
 
     def __init__(
@@ -96,6 +101,7 @@ class ReferringModule(L.LightningModule):
         target: str = "vrt",
         time_budget_s: float | None = None,
         keep_images: int = 8,
+        num_patch_classes: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -114,6 +120,13 @@ class ReferringModule(L.LightningModule):
             weight_ce=float(loss["mask_ce"]),
             weight_dice=float(loss["mask_dice"]),
             num_points=int(loss["mask_points"]),
+        )
+        # Auxiliary dense supervision of the vision encoder: a linear probe classifies every
+        # patch (background or a class) from the vision map, when batches bring patch_classes.
+        self.patch_probe = (
+            torch.nn.Linear(model.vision_dim, num_patch_classes)
+            if num_patch_classes > 0 and float(loss.get("patch_class", 0.0)) > 0
+            else None
         )
         self.rec = RECMetric()
         self.rec_from_mask = RECMetric()
@@ -157,6 +170,19 @@ class ReferringModule(L.LightningModule):
             exclude_offsets=kept_offsets.to(dev),
             exclude_ids=kept_ids.to(dev),
         )
+
+    def patch_class_loss(self, fmap: Tensor, batch: dict) -> Tensor:
+        """``loss.patch_class`` x cross-entropy of the probe's label for every patch."""
+        assert self.patch_probe is not None
+        logits = self.patch_probe(fmap.flatten(2).transpose(1, 2).float())  # B x N x K
+        labels = batch["patch_classes"].to(logits.device)
+        if int(labels.max()) >= logits.shape[-1]:
+            raise ValueError(
+                f"patch_classes holds label {int(labels.max())}, the probe has "
+                f"{logits.shape[-1]} classes (num_patch_classes)"
+            )
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        return float(self.loss_cfg["patch_class"]) * ce
 
     @torch.no_grad()
     def first_vrt_accuracy(self, out: dict, batch: dict) -> Tensor | None:
@@ -215,6 +241,8 @@ class ReferringModule(L.LightningModule):
         with torch.autocast(device_type=self.device.type, enabled=False):
             token = self.token_loss(out, batch) * float(self.loss_cfg["token"])
             losses = {"token": token, **self.head_losses(out["heads"], out["targets"], batch)}
+            if self.patch_probe is not None and "patch_classes" in batch:
+                losses["patch_class"] = self.patch_class_loss(out["fmap"], batch)
         total = sum(losses.values())
         bs = batch["images"].shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=bs)

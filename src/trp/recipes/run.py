@@ -18,10 +18,11 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from trp.data import SHAPE_CLASSES
 from trp.models.build import build_tokenizer, build_vlm
 from trp.models.vlm import ReferringVLM
 from trp.recipes.checkpoint import load_checkpoint, save_checkpoint
-from trp.recipes.config import validate_config
+from trp.recipes.config import resolve_precision, validate_config
 from trp.recipes.conversation import ReferringCollator
 from trp.recipes.data import ReferringDataModule, build_datasets, corpus
 from trp.recipes.module import ReferringModule
@@ -76,6 +77,8 @@ def _datamodule(cfg: DictConfig, model: ReferringVLM, train_set, held_out) -> Re
 
 
 def _module(cfg: DictConfig, model: ReferringVLM) -> ReferringModule:
+    # Synthetic scenes label every pixel (background + the shape classes).
+    classes = len(SHAPE_CLASSES) + 1 if cfg.data.name == "shapes" else 0
     return ReferringModule(
         model=model,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
@@ -84,6 +87,7 @@ def _module(cfg: DictConfig, model: ReferringVLM) -> ReferringModule:
         target=cfg.recipe.target,
         time_budget_s=parse_max_time(cfg.trainer.max_time),
         keep_images=int(cfg.eval.num_overlays),
+        num_patch_classes=classes,
     )
 
 
@@ -108,7 +112,7 @@ def _trainer(cfg: DictConfig, output_dir: Path, *, logger: bool = True) -> L.Tra
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=strategy,
-        precision=t.precision,
+        precision=resolve_precision(str(t.precision), str(t.accelerator)),
         max_steps=int(t.max_steps),
         max_time=t.max_time,
         log_every_n_steps=int(t.log_every_n_steps),
