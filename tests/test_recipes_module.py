@@ -137,5 +137,9 @@ def test_patch_class_probe_learns_from_the_class_maps() -> None:
     value.backward()
     assert model.vision.patch_embed.proj.weight.grad.abs().sum() > 0
     # Without the weight (or without classes) there is no probe.
-    assert ReferringModule(model=model, optim=OPTIM, loss=LOSS, eval=EVAL,
-                           num_patch_classes=6).patch_probe is None
+    assert (
+        ReferringModule(
+            model=model, optim=OPTIM, loss=LOSS, eval=EVAL, num_patch_classes=6
+        ).patch_probe
+        is None
+    )
