@@ -170,6 +170,44 @@ def test_constrained_generation_always_parses() -> None:
     assert out["heads"]["box"]["boxes"].shape == (n, 4)
 
 
+def test_generation_with_a_forced_phrase_grounds_the_given_phrase() -> None:
+    model = _model()
+    batch = _batch(model, with_answers=False, n=3)
+    prefixes = batch["answer_prefix"]
+    # The prefix is how a training answer starts, up to and including </Unit>.
+    collate = ReferringCollator(
+        tokenizer=model.tokenizer, grid=model.grid, image_size=model.image_size
+    )
+    answers = collate([_dataset()[i] for i in range(3)])
+    for row, prefix in enumerate(prefixes):
+        labels = answers["labels"][row]
+        answer = labels[labels != -100].tolist()
+        assert answer[: len(prefix)] == prefix
+    gen, out = model.generate(
+        batch["images"],
+        batch["input_ids"],
+        batch["attention_mask"],
+        max_new_tokens=24,
+        forced_prefix=prefixes,
+    )
+    for row, prefix in enumerate(prefixes):
+        assert gen.ids[row, : len(prefix)].tolist() == prefix
+        assert gen.parses[row] is not None
+        assert gen.parses[row].triplets[0].concept == batch["expressions"][row]
+    with pytest.raises(ValueError, match="one token list per sample"):
+        model.generate(
+            batch["images"], batch["input_ids"], batch["attention_mask"], forced_prefix=prefixes[:2]
+        )
+    with pytest.raises(ValueError, match="leaves no room"):
+        model.generate(
+            batch["images"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            max_new_tokens=4,
+            forced_prefix=prefixes,
+        )
+
+
 def test_light_heads_shapes_and_empty_queries() -> None:
     feats = [torch.randn(2, 24, 4, 4)]
     box = LightBoxHead(

@@ -357,16 +357,22 @@ class ReferringVLM(nn.Module):
         constrained: bool = True,
         allow_ref: bool = True,
         allow_vrt: bool = True,
+        forced_prefix: Sequence[Sequence[int]] | None = None,
     ) -> tuple[Generation, dict]:
         """Greedy decoding (KV cache), optionally grammar-constrained, then decoding of the
         parsed targets by every head.
 
         ``input_ids`` are left-padded prompts ``[B, L]`` ending with the answer turn's start.
+        ``forced_prefix`` (one token list per sample) is emitted verbatim before the model
+        continues: a grounding evaluation forces ``<Phrase>expression</Phrase>(<Unit>box</Unit>``
+        so the model localises the given phrase. The prefixes are part of the answer (``ids``,
+        ``texts``, parses); they must be valid answer prefixes under the grammar.
         Returns the :class:`Generation` and ``{"targets": TargetQueries, "heads": ...}``.
         """
         from transformers import DynamicCache
 
         b = images.shape[0]
+        forced, forced_len = _pad_prefixes(forced_prefix, b, self.pad_id, max_new_tokens)
         fmap, patches, prototypes = self.encode_images(images)
         binding = self.binding(b)
         processor = None
@@ -387,11 +393,14 @@ class ReferringVLM(nn.Module):
         ids = input_ids
         done = torch.zeros(b, dtype=torch.bool, device=ids.device)
         last = out.last_hidden_state[:, -1:]
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             scores = self.lm_head(last, prototypes=prototypes, binding=binding)[:, -1].float()
             if processor is not None:
                 scores = processor(ids.cpu(), scores.cpu()).to(scores.device)
-            nxt = scores.argmax(-1).masked_fill(done, self.pad_id)
+            nxt = scores.argmax(-1)
+            if forced is not None and step < forced.shape[1]:
+                nxt = torch.where(step < forced_len, forced[:, step].to(nxt.device), nxt)
+            nxt = nxt.masked_fill(done, self.pad_id)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             done = done | (nxt == self.eos_id)
             mask = torch.cat([mask, (~done | (nxt == self.eos_id))[:, None].to(mask.dtype)], 1)
@@ -428,6 +437,28 @@ class ReferringVLM(nn.Module):
         targets = self.target_queries(shifted, hidden, ids)
         heads = self.decode_targets(targets, fmap, fine=self.fine_features(images))
         return gen, {"targets": targets, "heads": heads}
+
+
+def _pad_prefixes(
+    prefixes: Sequence[Sequence[int]] | None, batch: int, pad_id: int, max_new_tokens: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """Forced answer prefixes as ``([B, P] ids, [B] lengths)`` (``(None, None)`` without)."""
+    if prefixes is None:
+        return None, None
+    if len(prefixes) != batch:
+        raise ValueError(
+            f"forced_prefix needs one token list per sample ({batch}), got {len(prefixes)}"
+        )
+    lengths = torch.tensor([len(p) for p in prefixes] or [0], dtype=torch.long)[:batch]
+    longest = int(lengths.max()) if batch else 0
+    if longest >= max_new_tokens:
+        raise ValueError(
+            f"a forced prefix of {longest} tokens leaves no room in max_new_tokens={max_new_tokens}"
+        )
+    ids = torch.full((batch, max(longest, 1)), pad_id, dtype=torch.long)
+    for row, prefix in enumerate(prefixes):
+        ids[row, : len(prefix)] = torch.as_tensor(list(prefix), dtype=torch.long)
+    return ids, lengths
 
 
 def _adjacent(a: tuple[int, int], b: tuple[int, int]) -> bool:

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from trp.data import collate
 from trp.grammar import (
     IMAGE,
+    UNIT_CLOSE,
     ChatTemplate,
     TokenVocab,
     encode_conversation,
@@ -78,7 +79,8 @@ class ReferringCollator:
             tell whether it is the referent before the answer looks for it.
 
     Returns batches with ``images`` [B, 3, H, W], ``input_ids``/``attention_mask`` [B, L]
-    (right-padded full conversations, or left-padded prompts), ``labels`` [B, L] (-100 outside
+    (right-padded full conversations, or left-padded prompts plus ``answer_prefix``, each
+    prompt's :meth:`answer_prefix_ids`), ``labels`` [B, L] (-100 outside
     the answers), ``parses`` (answer parses, positions in sequence coordinates), ``objects``
     (per sample, its label positions and all target patches, for the robust token loss),
     ``boxes`` [B, 4] normalised cxcywh, ``boxes_xyxy`` [B, 4] pixels, ``masks`` [B, H, W] bool,
@@ -118,6 +120,7 @@ class ReferringCollator:
         self.prompt_first = bool(prompt_first)
         self.pad_id = int(tokenizer.pad_token_id)
         self.image_text = IMAGE * (self.grid[0] * self.grid[1])
+        self.unit_close_id = int(tokenizer.convert_tokens_to_ids(UNIT_CLOSE))
 
     def unit_of(self, index: int) -> str:
         return self.units[index % len(self.units)]
@@ -130,6 +133,14 @@ class ReferringCollator:
 
     def answer_text(self, expression: str, unit: str, patches: Sequence[int] | None) -> str:
         return format_rec(expression, unit=unit, patches=patches).text
+
+    def answer_prefix_ids(self, expression: str, unit: str) -> list[int]:
+        """The answer's tokens before its first target, ``<Phrase>expression</Phrase>(<Unit>unit
+        </Unit>``, tokenised as the training answers are: what a grounding evaluation forces so
+        the model localises the given phrase instead of re-writing it (Kosmos-2's protocol)."""
+        text = self.answer_text(expression, unit, [0] if self.target == "vrt" else None)
+        ids = encode_text(self.tokenizer, text, vrt_base=self.vocab.vrt_base)
+        return ids[: ids.index(self.unit_close_id) + 1]
 
     def prompt_ids(self, expression: str, unit: str) -> list[int]:
         """The prompt up to the answer turn's start, tokenised as ``encode_conversation`` does."""
@@ -243,4 +254,5 @@ class ReferringCollator:
         for i, p in enumerate(prompts):
             input_ids[i, length - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention[i, length - len(p) :] = 1
-        return {"input_ids": input_ids, "attention_mask": attention}
+        prefixes = [self.answer_prefix_ids(e, u) for e, u in zip(expressions, units)]
+        return {"input_ids": input_ids, "attention_mask": attention, "answer_prefix": prefixes}

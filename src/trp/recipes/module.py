@@ -78,8 +78,10 @@ class ReferringModule(L.LightningModule):
         loss: weights ``token``, ``box_l1``, ``box_giou``, ``box_score``, ``box_region`` (CE
             and dice of a box head's ``region_logits``, when it has them), ``mask_ce``,
             ``mask_dice`` and ``mask_points`` (points sampled per mask).
-        eval: ``max_new_tokens``, ``constrained``, ``mask_threshold`` and ``threads`` (intra-op
-            threads while evaluating).
+        eval: ``max_new_tokens``, ``constrained``, ``mask_threshold``, ``threads`` (intra-op
+            threads while evaluating) and ``prefill_phrase`` (force each answer to start with
+            the batch's ``answer_prefix``, ``<Phrase>expression</Phrase>(<Unit>unit</Unit>``:
+            the model grounds the given phrase, Kosmos-2's REC protocol).
         target: ``"vrt"`` or ``"ref"`` (which target kinds generation may use).
         time_budget_s: the training wall-clock budget; with ``optim.schedule_by_time`` the
             cosine schedule ends when it is spent (runs stopped by ``max_time`` still anneal).
@@ -258,6 +260,7 @@ class ReferringModule(L.LightningModule):
     def predict_batch(self, batch: dict) -> list[dict[str, Any]]:
         """Generate, decode and return one prediction dict per sample (boxes in xyxy pixels,
         masks as bool ``[H, W]``; a sample whose answer has no target gets an empty box/mask)."""
+        prefill = bool(self.eval_cfg.get("prefill_phrase", False))
         gen, out = self.model.generate(
             batch["images"],
             batch["input_ids"],
@@ -266,6 +269,7 @@ class ReferringModule(L.LightningModule):
             constrained=bool(self.eval_cfg["constrained"]),
             allow_ref=self.target == "ref",
             allow_vrt=self.target == "vrt",
+            forced_prefix=batch.get("answer_prefix") if prefill else None,
         )
         targets, heads = out["targets"], out["heads"]
         b = batch["images"].shape[0]
