@@ -483,3 +483,14 @@ def test_conv_stem_vit_shares_the_fine_stem_and_round_trips(tmp_path) -> None:
     assert torch.equal(a["heads"]["mask"]["masks"], b["heads"]["mask"]["masks"])
     with pytest.raises(ValueError, match="conv_stem"):
         build_vlm({**cfg, "fine_channels": 0}, tokenizer=_tokenizer())
+
+
+def test_detached_queries_keep_head_losses_out_of_the_lm() -> None:
+    torch.manual_seed(0)
+    model = build_vlm({**MODEL_CFG, "detach_queries": True}, tokenizer=_tokenizer())
+    batch = _batch(model, with_answers=True)
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    (out["heads"]["box"]["boxes"].sum() + out["heads"]["mask"]["masks"].mean()).backward()
+    lm_grads = [p.grad for p in model.language.model.layers.parameters()]
+    assert all(g is None or not g.any() for g in lm_grads)
+    assert model.vision.patch_embed.proj.weight.grad.abs().sum() > 0  # through the feature map

@@ -32,6 +32,17 @@ def test_prototypes_start_at_zero_and_train():
         layer(torch.randn(7, D + 1))
 
 
+def test_prototypes_without_zero_init_start_at_the_normalised_features():
+    torch.manual_seed(0)
+    layer = VRTPrototypes(dim=D, rank=4, zero_init=False)
+    feats = torch.randn(7, D)
+    normed = torch.nn.functional.layer_norm(feats, (D,), eps=1e-6)
+    out = layer(feats)
+    torch.testing.assert_close(out, normed + layer.up(layer.down(normed)))
+    (out * torch.randn(7, D)).sum().backward()
+    assert layer.down.weight.grad.abs().sum() > 0  # the low-rank path trains from step one
+
+
 def test_embedding_text_and_vrt(setup):
     binding, protos = setup
     table = nn.Embedding(V, D).double()

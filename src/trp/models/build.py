@@ -191,9 +191,11 @@ def build_vlm(cfg: Mapping[str, Any], *, tokenizer) -> ReferringVLM:
     """The reference :class:`ReferringVLM` from a ``model`` config and a tokenizer.
 
     ``cfg``: ``image_size``, ``patch_size``, ``vision``, ``language``, ``heads`` (unit -> head
-    config), ``prototype_rank``, ``vrt_query_shift`` and ``fine_channels`` (> 0: a
-    :class:`ConvStem` of that width feeds stride-4 features to the heads that read them, and
-    with ``vision.conv_stem`` also replaces the ViT's patch embedding).
+    config), ``prototype_rank``, ``prototype_zero_init``, ``vrt_query_shift``,
+    ``detach_queries`` and
+    ``fine_channels`` (> 0: a :class:`ConvStem` of that width feeds stride-4 features to the
+    heads that read them, and with ``vision.conv_stem`` also replaces the ViT's patch
+    embedding).
     """
     image_size, patch_size = int(cfg["image_size"]), int(cfg["patch_size"])
     fine_channels = int(_get(cfg, "fine_channels", 0))
@@ -228,6 +230,8 @@ def build_vlm(cfg: Mapping[str, Any], *, tokenizer) -> ReferringVLM:
         image_size=(image_size, image_size),
         vision_dim=vision_dim,
         prototype_rank=int(_get(cfg, "prototype_rank", 64)),
+        prototype_zero_init=bool(_get(cfg, "prototype_zero_init", True)),
+        detach_queries=bool(_get(cfg, "detach_queries", False)),
         vrt_query_shift=int(_get(cfg, "vrt_query_shift", 1)),
         fine_stem=stem,
     )

@@ -80,7 +80,8 @@ class ReferringVLM(nn.Module):
         tokenizer: the HF tokenizer with the TRP tokens and ``<image>`` (``vrt_base = len``).
         heads: ``unit -> head`` modules with the :mod:`trp.heads` interface.
         grid: the patch grid ``(h, w)`` of the vision encoder; image_size: ``(H, W)``.
-        prototype_rank: low-rank width of :class:`trp.vrt.VRTPrototypes`.
+        prototype_rank: low-rank width of :class:`trp.vrt.VRTPrototypes`;
+            prototype_zero_init: its ``zero_init``.
         vrt_query_shift: which hidden state of a VRT is its query: 1 = the state that emitted
             it (PaDT), 0 = the state at the VRT itself (it has also read the VRT's own
             prototype, so it carries the patch it names).
@@ -97,13 +98,16 @@ class ReferringVLM(nn.Module):
         image_size: tuple[int, int],
         vision_dim: int,
         prototype_rank: int = 64,
+        prototype_zero_init: bool = True,
         vrt_query_shift: int = 1,
+        detach_queries: bool = False,
         fine_stem: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if vrt_query_shift not in (0, 1):
             raise ValueError(f"vrt_query_shift must be 0 or 1, got {vrt_query_shift!r}")
         self.vrt_query_shift = vrt_query_shift
+        self.detach_queries = bool(detach_queries)
         self.vision = vision
         self.language = language
         self.tokenizer = tokenizer
@@ -118,7 +122,9 @@ class ReferringVLM(nn.Module):
         self.image_size = (int(image_size[0]), int(image_size[1]))
         width = int(language.config.hidden_size)
         self.adapter = FeatureAdapter(in_channels=[vision_dim], d_model=width)
-        self.prototypes = VRTPrototypes(dim=width, rank=prototype_rank)
+        self.prototypes = VRTPrototypes(
+            dim=width, rank=prototype_rank, zero_init=prototype_zero_init
+        )
         self.vrt_base = len(tokenizer)
         if language.get_input_embeddings().weight.shape[0] < self.vrt_base:
             raise ValueError(
@@ -331,7 +337,9 @@ class ReferringVLM(nn.Module):
         binding = self.binding(images.shape[0])
         embeds = self.embed_inputs(input_ids, patches, prototypes, binding)
         hidden = self.hidden_states(embeds, attention_mask).last_hidden_state  # B x L x D
-        targets = self.target_queries(parses, hidden, input_ids)
+        # detach_queries: the heads read the LM's states without training the LM through them.
+        queries_from = hidden.detach() if self.detach_queries else hidden
+        targets = self.target_queries(parses, queries_from, input_ids)
         return {
             "fmap": fmap,
             "hidden": hidden,

@@ -18,17 +18,24 @@ class VRTPrototypes(nn.Module):
         dim: LM hidden size D.
         rank: width of the low-rank bottleneck (PaDT: 64).
         eps: LayerNorm epsilon.
+        zero_init: start at ``P = 0`` (PaDT, for a pretrained LM); ``False`` starts the
+            LayerNorm at weight 1 / bias 0, for an LM trained from scratch, which has nothing
+            to protect and would otherwise wait for the LayerNorm weight to grow before the
+            low-rank path receives gradients.
     """
 
-    def __init__(self, *, dim: int, rank: int = 64, eps: float = 1e-6) -> None:
+    def __init__(
+        self, *, dim: int, rank: int = 64, eps: float = 1e-6, zero_init: bool = True
+    ) -> None:
         super().__init__()
         if dim < 1 or rank < 1:
             raise ValueError(f"dim and rank must be positive, got dim={dim}, rank={rank}")
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.down = nn.Linear(dim, rank, bias=False)
         self.up = nn.Linear(rank, dim, bias=False)
-        nn.init.zeros_(self.norm.weight)
-        nn.init.zeros_(self.norm.bias)
+        if zero_init:
+            nn.init.zeros_(self.norm.weight)
+            nn.init.zeros_(self.norm.bias)
 
     def forward(self, features: Tensor) -> Tensor:
         """``features (Tensor[ΣP, D]) -> prototypes (Tensor[ΣP, D])``."""
