@@ -66,6 +66,17 @@ MODEL_CFG = {
 }
 
 
+# A light head small enough for unit tests (queries of width 16, 24-channel features).
+TINY_HEAD = {
+    "in_dim": 16,
+    "in_channels": [24],
+    "d_model": 32,
+    "n_heads": 2,
+    "dim_feedforward": 32,
+    "num_layers": 1,
+}
+
+
 @cache
 def _dataset() -> IndexedDataset:
     return IndexedDataset(ShapesDataset(num_samples=64, seed=3, image_size=64, task="rec"))
@@ -213,15 +224,7 @@ def test_light_heads_shapes_and_empty_queries() -> None:
     box = LightBoxHead(
         in_dim=16, in_channels=[24], d_model=32, n_heads=2, dim_feedforward=32, num_layers=1
     )
-    mask = LightMaskHead(
-        in_dim=16,
-        in_channels=[24],
-        d_model=32,
-        n_heads=2,
-        dim_feedforward=32,
-        num_layers=1,
-        mask_dim=8,
-    )
+    mask = LightMaskHead(**TINY_HEAD, mask_dim=8)
     q = torch.randn(5, 16)
     image = torch.tensor([0, 0, 1, 1, 1])
     obj = torch.tensor([0, 0, 1, 2, 2])
@@ -407,17 +410,7 @@ def test_light_box_head_reads_its_box_off_the_region_map() -> None:
     torch.manual_seed(0)
     feats = [torch.randn(2, 24, 4, 4)]
     fine = torch.randn(2, 4, 16, 16)
-    box = LightBoxHead(
-        in_dim=16,
-        in_channels=[24],
-        d_model=32,
-        n_heads=2,
-        dim_feedforward=32,
-        num_layers=1,
-        region=True,
-        mask_dim=8,
-        fine_channels=4,
-    )
+    box = LightBoxHead(**TINY_HEAD, region=True, mask_dim=8, fine_channels=4)
     q = torch.randn(3, 16)
     image = torch.tensor([0, 1, 1])
     ref = torch.tensor([[0.3, 0.4, 0.2, 0.1], [float("nan")] * 4, [0.7, 0.6, 0.5, 0.3]])
