@@ -192,23 +192,23 @@ def build_vlm(cfg: Mapping[str, Any], *, tokenizer) -> ReferringVLM:
 
     ``cfg``: ``image_size``, ``patch_size``, ``vision``, ``language``, ``heads`` (unit -> head
     config), ``prototype_rank``, ``prototype_zero_init``, ``vrt_query_shift``,
-    ``detach_queries`` and
-    ``fine_channels`` (> 0: a :class:`ConvStem` of that width feeds stride-4 features to the
-    heads that read them, and with ``vision.conv_stem`` also replaces the ViT's patch
-    embedding).
+    ``detach_queries`` and ``fine_channels`` (> 0: a :class:`ConvStem` of that width feeds
+    stride-4 features to the heads that read them, and with ``vision.conv_stem`` also replaces
+    the ViT's patch embedding).
     """
     image_size, patch_size = int(cfg["image_size"]), int(cfg["patch_size"])
     fine_channels = int(_get(cfg, "fine_channels", 0))
     if fine_channels < 0:
         raise ValueError(f"fine_channels must be >= 0, got {fine_channels}")
     stem = ConvStem(fine_channels) if fine_channels else None
-    if bool(_get(cfg["vision"], "conv_stem", False)) and stem is None:
+    conv_stem = bool(_get(cfg["vision"], "conv_stem", False))
+    if conv_stem and stem is None:
         raise ValueError("vision.conv_stem needs a stem: set fine_channels > 0")
     vision = build_vision_encoder(
         cfg["vision"],
         image_size=image_size,
         patch_size=patch_size,
-        stem=stem if _get(cfg["vision"], "conv_stem", False) else None,
+        stem=stem if conv_stem else None,
     )
     language = build_language_model(cfg["language"], vocab_size=len(tokenizer))
     resize_embeddings(language, tokenizer)

@@ -39,8 +39,10 @@ class ConvStem(nn.Module):
         )
 
     def forward(self, images: Tensor) -> Tensor:
-        if images.dim() != 4 or images.shape[-2] % 4 or images.shape[-1] % 4:
+        s = self.stride
+        if images.dim() != 4 or images.shape[-2] % s or images.shape[-1] % s:
             raise ValueError(
-                f"images must be [B, C, H, W] with H and W divisible by 4, got {list(images.shape)}"
+                f"images must be [B, C, H, W] with H and W divisible by {s}, "
+                f"got {list(images.shape)}"
             )
         return self.layers(images)

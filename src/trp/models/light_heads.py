@@ -286,7 +286,6 @@ class MaskReadout(nn.Module):
         super().__init__()
         if fine_channels < 0:
             raise ValueError(f"fine_channels must be >= 0, got {fine_channels}")
-        self.box_prior = box_prior
         self.upsample = nn.Sequential(
             nn.ConvTranspose2d(d_model, d_model // 2, kernel_size=2, stride=2),
             nn.GroupNorm(1, d_model // 2),
@@ -296,10 +295,11 @@ class MaskReadout(nn.Module):
         self.fine = nn.Conv2d(fine_channels, mask_dim, kernel_size=1) if fine_channels else None
         self.embed = MLP(in_dim=d_model, hidden_dim=d_model, out_dim=mask_dim, num_layers=3)
         # softplus(1.85) ~ 2: the prior starts at +2 in the box centre and 0 on its border.
-        self.prior_params = nn.Linear(d_model, 2)
-        nn.init.zeros_(self.prior_params.weight)
-        with torch.no_grad():
-            self.prior_params.bias.copy_(torch.tensor([1.85, 2.0]))
+        self.prior_params = nn.Linear(d_model, 2) if box_prior else None
+        if self.prior_params is not None:
+            nn.init.zeros_(self.prior_params.weight)
+            with torch.no_grad():
+                self.prior_params.bias.copy_(torch.tensor([1.85, 2.0]))
 
     def forward(
         self,
@@ -329,7 +329,7 @@ class MaskReadout(nn.Module):
         if self.fine is not None:
             pixels = pixels + self.fine(fine_features.to(pixels.dtype))
         embed = self.embed(token)  # N x C
-        if self.box_prior:
+        if self.prior_params is not None:
             # fp32: the expanded quadratic cancels large terms, which bf16 cannot carry.
             params = self.prior_params(token).float()
             ref = (

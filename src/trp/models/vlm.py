@@ -457,7 +457,7 @@ def _pad_prefixes(
         raise ValueError(
             f"forced_prefix needs one token list per sample ({batch}), got {len(prefixes)}"
         )
-    lengths = torch.tensor([len(p) for p in prefixes] or [0], dtype=torch.long)[:batch]
+    lengths = torch.tensor([len(p) for p in prefixes], dtype=torch.long)
     longest = int(lengths.max()) if batch else 0
     if longest >= max_new_tokens:
         raise ValueError(
