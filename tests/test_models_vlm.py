@@ -140,7 +140,7 @@ def test_forward_gathers_one_query_run_per_target() -> None:
     assert targets.queries.shape == (sum(runs), 48)
     assert out["heads"]["box"]["boxes"].shape == (b, 4)
     assert out["heads"]["mask"]["masks"].shape == (b, 16, 16)
-    logits = model.logits(out["hidden"], out["prototypes"], out["binding"])
+    logits = model.logits(out["hidden"], out["vrt_rows"], out["binding"])
     assert logits.shape == (b, length, model.vrt_base + 16)
 
 
@@ -487,3 +487,33 @@ def test_detached_queries_keep_head_losses_out_of_the_lm() -> None:
     lm_grads = [p.grad for p in model.language.model.layers.parameters()]
     assert all(g is None or not g.any() for g in lm_grads)
     assert model.vision.patch_embed.proj.weight.grad.abs().sum() > 0  # through the feature map
+
+
+def test_contextual_vrt_rows_read_the_lm_states_at_the_patches() -> None:
+    torch.manual_seed(0)
+    model = build_vlm({**MODEL_CFG, "contextual_vrt": True}, tokenizer=_tokenizer())
+    assert _model().vrt_context is None
+    batch = _batch(model, with_answers=True)
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    assert torch.equal(out["vrt_rows"], out["prototypes"])  # zero-initialised context
+    with torch.no_grad():
+        model.vrt_context.proj.weight.normal_()
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    is_image = batch["input_ids"] == model.image_id
+    want = model.vrt_context(out["prototypes"], out["hidden"][is_image])
+    torch.testing.assert_close(out["vrt_rows"], want)
+    # A patch's row changes with what the LM read before the image (here: its first token).
+    ids = batch["input_ids"].clone()
+    ids[0, 0] = model.pad_id
+    again = model(batch["images"], ids, batch["attention_mask"], batch["parses"])
+    assert not torch.allclose(again["vrt_rows"][:16], out["vrt_rows"][:16])
+    torch.testing.assert_close(again["vrt_rows"][16:], out["vrt_rows"][16:])
+    # Generation scores VRTs against the same rows: its answers still parse.
+    model.eval()
+    prompts = _batch(model, with_answers=False, n=3)
+    gen, _ = model.generate(
+        prompts["images"], prompts["input_ids"], prompts["attention_mask"], max_new_tokens=16
+    )
+    assert all(p is not None for p in gen.parses)
+    with pytest.raises(ValueError, match="contextual VRT rows need 16 <image> tokens"):
+        model.vrt_rows(out["hidden"], ids.masked_fill(is_image, model.pad_id), out["prototypes"])

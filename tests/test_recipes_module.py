@@ -30,7 +30,7 @@ def test_token_loss_is_the_robust_cross_entropy_of_the_dense_logits() -> None:
     out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
     loss = module.token_loss(out, batch)
 
-    logits = model.logits(out["hidden"], out["prototypes"], out["binding"])[:, :-1].double()
+    logits = model.logits(out["hidden"], out["vrt_rows"], out["binding"])[:, :-1].double()
     labels = batch["labels"][:, 1:]
     base = model.vrt_base
     for s, (positions, patches) in enumerate(batch["objects"]):
@@ -44,7 +44,7 @@ def test_token_loss_is_the_robust_cross_entropy_of_the_dense_logits() -> None:
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     # The exclusion matters: objects covering several patches change the loss.
     plain = F.cross_entropy(
-        model.logits(out["hidden"], out["prototypes"], out["binding"])[:, :-1]
+        model.logits(out["hidden"], out["vrt_rows"], out["binding"])[:, :-1]
         .reshape(-1, logits.shape[-1])
         .double(),
         labels.reshape(-1),
@@ -77,7 +77,7 @@ def test_first_vrt_accuracy_matches_the_dense_argmax() -> None:
     module = ReferringModule(model=model, optim=OPTIM, loss=LOSS, eval=EVAL)
     batch = _batch(model, with_answers=True)
     out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
-    logits = model.logits(out["hidden"], out["prototypes"], out["binding"])
+    logits = model.logits(out["hidden"], out["vrt_rows"], out["binding"])
     base = model.vrt_base
     hits = []
     for s, (positions, patches) in enumerate(batch["objects"]):

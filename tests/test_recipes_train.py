@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -210,11 +211,24 @@ def test_model_group_switches_to_the_trp_heads() -> None:
     assert "dim_feedforward" not in heads.mask
 
 
-def test_auto_precision_is_bf16_on_gpus_and_amx_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    from trp.recipes import config
+def test_auto_precision_is_bf16_on_gpus_and_where_bf16_is_measured_faster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from trp.recipes import precision
 
-    assert config.resolve_precision("32-true", "gpu") == "32-true"
-    assert config.resolve_precision("auto", "gpu") == "bf16-mixed"
-    for amx, want in ((True, "bf16-mixed"), (False, "32-true")):
-        monkeypatch.setattr(config, "cpu_has_amx", lambda amx=amx: amx)
-        assert config.resolve_precision("auto", "cpu") == want
+    assert precision.resolve_precision("32-true", "gpu") == "32-true"
+    assert precision.resolve_precision("auto", "gpu") == "bf16-mixed"
+    for speedup, want in ((2.0, "bf16-mixed"), (1.1, "32-true"), (0.7, "32-true")):
+        monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda s=speedup: s)
+        assert precision.resolve_precision("auto", "cpu") == want
+    with pytest.raises(ValueError, match="precision must be one of"):
+        precision.resolve_precision("fp8", "cpu")
+
+
+def test_cpu_bf16_speedup_is_a_positive_ratio() -> None:
+    from trp.recipes.precision import cpu_bf16_speedup
+
+    ratio = cpu_bf16_speedup(rows=64, dim=32, hidden=64, repeats=2)
+    assert math.isfinite(ratio) and ratio > 0
+    with pytest.raises(ValueError, match="positive"):
+        cpu_bf16_speedup(repeats=0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from trp.vrt import ImageBinding, VRTEmbedding, VRTHead, VRTPrototypes
+from trp.vrt import ImageBinding, VRTContext, VRTEmbedding, VRTHead, VRTPrototypes
 
 V, D = 50, 8
 
@@ -149,3 +149,24 @@ def test_head_gradient(setup):
         return out.masked_fill(torch.isinf(out), 0)
 
     assert torch.autograd.gradcheck(f, (hidden, protos))
+
+
+def test_context_rows_start_at_the_prototypes_and_learn_from_the_states():
+    torch.manual_seed(0)
+    layer = VRTContext(dim=D)
+    protos, states = torch.randn(7, D), torch.randn(7, D)
+    rows = layer(protos, states)
+    assert torch.equal(rows, protos)  # zero-initialised projection
+    query = torch.randn(D)
+    (rows @ query).logsumexp(0).backward()
+    assert layer.proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        layer.proj.weight.copy_(torch.eye(D))
+    normed = torch.nn.functional.layer_norm(states, (D,), eps=1e-6)
+    torch.testing.assert_close(layer(protos, states), protos + normed)
+    with pytest.raises(ValueError, match="prototypes must have shape"):
+        layer(torch.randn(7, D + 1), torch.randn(7, D + 1))
+    with pytest.raises(ValueError, match="states must match"):
+        layer(protos, torch.randn(6, D))
+    with pytest.raises(ValueError, match="dim must be positive"):
+        VRTContext(dim=0)

@@ -192,9 +192,9 @@ def build_vlm(cfg: Mapping[str, Any], *, tokenizer) -> ReferringVLM:
 
     ``cfg``: ``image_size``, ``patch_size``, ``vision``, ``language``, ``heads`` (unit -> head
     config), ``prototype_rank``, ``prototype_zero_init``, ``vrt_query_shift``,
-    ``detach_queries`` and ``fine_channels`` (> 0: a :class:`ConvStem` of that width feeds
-    stride-4 features to the heads that read them, and with ``vision.conv_stem`` also replaces
-    the ViT's patch embedding).
+    ``detach_queries``, ``contextual_vrt`` and ``fine_channels`` (> 0: a :class:`ConvStem` of
+    that width feeds stride-4 features to the heads that read them, and with
+    ``vision.conv_stem`` also replaces the ViT's patch embedding).
     """
     image_size, patch_size = int(cfg["image_size"]), int(cfg["patch_size"])
     fine_channels = int(_get(cfg, "fine_channels", 0))
@@ -234,4 +234,5 @@ def build_vlm(cfg: Mapping[str, Any], *, tokenizer) -> ReferringVLM:
         detach_queries=bool(_get(cfg, "detach_queries", False)),
         vrt_query_shift=int(_get(cfg, "vrt_query_shift", 1)),
         fine_stem=stem,
+        contextual_vrt=bool(_get(cfg, "contextual_vrt", False)),
     )

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from trp.grammar import REF, TokenVocab, TRPLogitsProcessor, parse_ids, route_targets
 from trp.grammar.types import ParseResult
 from trp.heads import FeatureAdapter
-from trp.vrt import ImageBinding, VRTEmbedding, VRTHead, VRTPrototypes
+from trp.vrt import ImageBinding, VRTContext, VRTEmbedding, VRTHead, VRTPrototypes
 
 __all__ = ["Generation", "ReferringVLM", "TargetQueries"]
 
@@ -85,6 +85,8 @@ class ReferringVLM(nn.Module):
         vrt_query_shift: which hidden state of a VRT is its query: 1 = the state that emitted
             it (PaDT), 0 = the state at the VRT itself (it has also read the VRT's own
             prototype, so it carries the patch it names).
+        contextual_vrt: score VRTs against :class:`trp.vrt.VRTContext` rows (the prototypes
+            plus the LM's last states at the patch tokens) instead of the prototypes alone.
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class ReferringVLM(nn.Module):
         vrt_query_shift: int = 1,
         detach_queries: bool = False,
         fine_stem: nn.Module | None = None,
+        contextual_vrt: bool = False,
     ) -> None:
         super().__init__()
         if vrt_query_shift not in (0, 1):
@@ -125,6 +128,7 @@ class ReferringVLM(nn.Module):
         self.prototypes = VRTPrototypes(
             dim=width, rank=prototype_rank, zero_init=prototype_zero_init
         )
+        self.vrt_context = VRTContext(dim=width) if contextual_vrt else None
         self.vrt_base = len(tokenizer)
         if language.get_input_embeddings().weight.shape[0] < self.vrt_base:
             raise ValueError(
@@ -185,6 +189,21 @@ class ReferringVLM(nn.Module):
             rows = counts > 0
             embeds = embeds.masked_scatter(is_image[..., None], patches[rows].to(embeds.dtype))
         return embeds
+
+    def vrt_rows(self, hidden: Tensor, input_ids: Tensor, prototypes: Tensor) -> Tensor:
+        """The VRT classifier rows ``[B * N, D]``: the prototypes, or with ``contextual_vrt`` the
+        :class:`trp.vrt.VRTContext` of the prototypes and ``hidden [B, L, D]`` (the LM's last
+        states) at the ``<image>`` positions of ``input_ids [B, L]``."""
+        if self.vrt_context is None:
+            return prototypes
+        is_image = input_ids == self.image_id  # B x L
+        counts = is_image.sum(1)
+        if bool((counts != self.num_patches).any()):
+            raise ValueError(
+                f"contextual VRT rows need {self.num_patches} <image> tokens in every prompt, "
+                f"got {counts.tolist()}"
+            )
+        return self.vrt_context(prototypes, hidden[is_image])
 
     # ------------------------------------------------------------------ language side
     def hidden_states(self, embeds: Tensor, attention_mask: Tensor, **kwargs):
@@ -329,7 +348,9 @@ class ReferringVLM(nn.Module):
         Returns ``fmap`` (the vision map ``[B, C_v, h, w]``), ``hidden`` ``[B, L, D]``
         (position t predicts token t + 1; the token loss is
         computed from it without materialising logits, see
-        :func:`trp.ops.vrt_linear_cross_entropy`), ``prototypes`` ``[B * N, D]``, ``binding``,
+        :func:`trp.ops.vrt_linear_cross_entropy`), ``prototypes`` ``[B * N, D]`` (the VRT input
+        embeddings), ``vrt_rows`` ``[B * N, D]`` (their classifier rows, :meth:`vrt_rows`),
+        ``binding``,
         ``targets`` (:class:`TargetQueries`) and ``heads`` (unit -> head output, every head on
         every target).
         """
@@ -344,14 +365,16 @@ class ReferringVLM(nn.Module):
             "fmap": fmap,
             "hidden": hidden,
             "prototypes": prototypes,
+            "vrt_rows": self.vrt_rows(hidden, input_ids, prototypes),
             "binding": binding,
             "targets": targets,
             "heads": self.decode_targets(targets, fmap, fine=self.fine_features(images)),
         }
 
-    def logits(self, hidden: Tensor, prototypes: Tensor, binding: ImageBinding) -> Tensor:
-        """``[B, L, D]`` -> logits ``[B, L, vrt_base + N]`` over text ⊕ the sample's patches."""
-        return self.lm_head(hidden, prototypes=prototypes, binding=binding)
+    def logits(self, hidden: Tensor, vrt_rows: Tensor, binding: ImageBinding) -> Tensor:
+        """``[B, L, D]`` -> logits ``[B, L, vrt_base + N]`` over text ⊕ the sample's patches
+        (``vrt_rows``: :meth:`vrt_rows`, the prototypes without ``contextual_vrt``)."""
+        return self.lm_head(hidden, prototypes=vrt_rows, binding=binding)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -398,11 +421,13 @@ class ReferringVLM(nn.Module):
         embeds = self.embed_inputs(input_ids, patches, prototypes, binding)
         mask = attention_mask.clone()
         out = self.hidden_states(embeds, mask, past_key_values=cache, use_cache=True)
+        # The patch tokens lie in the prompt: their states, hence the VRT rows, are final now.
+        rows = self.vrt_rows(out.last_hidden_state, input_ids, prototypes)
         ids = input_ids
         done = torch.zeros(b, dtype=torch.bool, device=ids.device)
         last = out.last_hidden_state[:, -1:]
         for step in range(max_new_tokens):
-            scores = self.lm_head(last, prototypes=prototypes, binding=binding)[:, -1].float()
+            scores = self.lm_head(last, prototypes=rows, binding=binding)[:, -1].float()
             if processor is not None:
                 scores = processor(ids.cpu(), scores.cpu()).to(scores.device)
             nxt = scores.argmax(-1)

@@ -8,19 +8,14 @@ from omegaconf import DictConfig
 
 from trp.recipes.conversation import TARGET_KINDS
 from trp.recipes.data import DATASETS
+from trp.recipes.precision import PRECISIONS
 
 __all__ = [
-    "PRECISIONS",
     "STRATEGIES",
     "ConfigError",
-    "cpu_has_amx",
-    "resolve_precision",
     "validate_config",
 ]
 
-# "auto" (trp's, not Lightning's): bf16-mixed on GPUs and on CPUs with bf16 matrix units (AMX),
-# 32-true on other CPUs, where bf16 autocast is slower than fp32 (see resolve_precision).
-PRECISIONS: tuple[str, ...] = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed")
 STRATEGIES: tuple[str, ...] = ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed")
 
 
@@ -33,26 +28,6 @@ def _positive(cfg: DictConfig, key: str, value: Any, *, integer: bool = False) -
     if isinstance(value, bool) or not ok or value <= 0:
         kind = "a positive int" if integer else "a positive number"
         raise ConfigError(f"{key} must be {kind}, got {value!r}")
-
-
-def cpu_has_amx() -> bool:
-    """True when the CPU has AMX bf16 tiles (Linux ``/proc/cpuinfo`` flag ``amx_bf16``)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
-    except OSError:
-        return False
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """The Lightning precision of ``trainer.precision``: ``"auto"`` is ``bf16-mixed`` on a GPU
-    or an AMX CPU (bf16 matmuls run there several times faster than fp32) and ``32-true`` on
-    other CPUs (bf16 autocast measured slower than fp32 on an AVX512-BF16 CPU without AMX)."""
-    if precision != "auto":
-        return precision
-    if accelerator in ("gpu", "cuda") or cpu_has_amx():
-        return "bf16-mixed"
-    return "32-true"
 
 
 def validate_config(cfg: DictConfig) -> None:

@@ -165,7 +165,7 @@ class ReferringModule(L.LightningModule):
         return vrt_linear_cross_entropy(
             hidden.reshape(b * n, -1)[keep].float(),
             self.model.lm_head.weight[:base].float(),
-            out["prototypes"].float(),
+            out["vrt_rows"].float(),
             sample_index,
             binding.sample_offsets.to(dev),
             flat_labels[keep],
@@ -200,7 +200,7 @@ class ReferringModule(L.LightningModule):
                 allowed.append(patches)
         if not rows:
             return None
-        protos = out["prototypes"].float()
+        protos = out["vrt_rows"].float()
         hits = [
             float(int((row.float() @ protos[a:b].T).argmax()) in set(ok.tolist()))
             for row, (a, b), ok in zip(rows, spans, allowed)

@@ -22,11 +22,12 @@ from trp.data import SHAPE_CLASSES
 from trp.models.build import build_tokenizer, build_vlm
 from trp.models.vlm import ReferringVLM
 from trp.recipes.checkpoint import load_checkpoint, save_checkpoint
-from trp.recipes.config import resolve_precision, validate_config
+from trp.recipes.config import validate_config
 from trp.recipes.conversation import ReferringCollator
 from trp.recipes.data import ReferringDataModule, build_datasets, corpus
 from trp.recipes.module import ReferringModule
 from trp.recipes.overlays import save_overlays
+from trp.recipes.precision import resolve_precision
 
 __all__ = ["compose", "evaluate", "format_metrics", "parse_max_time", "train"]
 

@@ -3,12 +3,14 @@
 Every merged image patch becomes a token the LM can read and emit: :class:`ImageBinding` maps
 patches to images and samples, :class:`VRTPrototypes` turns patch features into token
 embeddings, :class:`VRTEmbedding` / :class:`VRTHead` extend the input embedding and the LM head
-per sample, and :mod:`trp.vrt.targets` picks target patches from masks and boxes. See
+per sample (:class:`VRTContext` optionally adds the LM's states at the patches to the output
+rows), and :mod:`trp.vrt.targets` picks target patches from masks and boxes. See
 ``docs/vrt.md``.
 """
 
 from trp.vrt.binding import ImageBinding
 from trp.vrt.causal_lm import VRTCausalLM, VRTGeneration
+from trp.vrt.context import VRTContext
 from trp.vrt.embedding import VRTEmbedding
 from trp.vrt.head import VRTHead
 from trp.vrt.prototypes import VRTPrototypes
@@ -26,6 +28,7 @@ __all__ = [
     "ImageBinding",
     "SamplingMode",
     "VRTCausalLM",
+    "VRTContext",
     "VRTEmbedding",
     "VRTGeneration",
     "VRTHead",
