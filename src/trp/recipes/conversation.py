@@ -58,9 +58,13 @@ def patch_classes(class_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
     b, h, w = class_map.shape
     if h % grid[0] or w % grid[1]:
         raise ValueError(f"a {h}x{w} class map does not split into a {grid} patch grid")
-    labels = class_map.long()
-    onehot = F.one_hot(labels, int(labels.max()) + 1).permute(0, 3, 1, 2).float()
-    area = F.avg_pool2d(onehot, kernel_size=(h // grid[0], w // grid[1]))  # B x K x h x w
+    gh, gw = grid
+    cells = class_map.reshape(b, gh, h // gh, gw, w // gw)
+    # One comparison pass per label (a handful) instead of a one-hot of the whole map: this
+    # runs in the collator, on the training process's cores.
+    area = torch.stack(
+        [(cells == k).sum((2, 4)) for k in range(int(class_map.max()) + 1)], dim=1
+    )  # B x K x h x w
     return area.argmax(1).flatten(1)
 
 
