@@ -16,6 +16,7 @@ from trp.models import (
     ConvStem,
     LightBoxHead,
     LightMaskHead,
+    StemDownsample,
     build_head,
     build_vlm,
     load_tokenizer,
@@ -404,6 +405,34 @@ def test_conv_stem_is_stride_four_and_checks_its_input() -> None:
         stem(torch.randn(2, 3, 30, 32))
     with pytest.raises(ValueError, match="channels"):
         ConvStem(0)
+
+
+def test_stem_downsample_continues_the_shared_stem_to_the_patch_grid() -> None:
+    stem = ConvStem(6)
+    down = StemDownsample(stem, 2)
+    assert down.stride == 16 and down.num_features == 24
+    assert down.stem is stem
+    assert down(torch.randn(2, 3, 32, 48)).shape == (2, 24, 2, 3)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        down(torch.randn(2, 3, 24, 32))
+    with pytest.raises(ValueError, match="depth"):
+        StemDownsample(stem, 0)
+    vision = {**MODEL_CFG["vision"], "conv_stem": True, "stem_downsample": 2}
+    torch.manual_seed(0)
+    model = build_vlm({**MODEL_CFG, "fine_channels": 4, "vision": vision}, tokenizer=_tokenizer())
+    embed = model.vision.patch_embed
+    assert embed.backbone.stem is model.fine_stem
+    assert embed.proj.kernel_size == (1, 1)  # the blocks reach the 16-pixel grid themselves
+    batch = _batch(model, with_answers=True)
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    out["hidden"].sum().backward()
+    assert model.fine_stem.layers[0].weight.grad.abs().sum() > 0
+    no_stem = {**MODEL_CFG, "fine_channels": 4, "vision": {**vision, "conv_stem": False}}
+    with pytest.raises(ValueError, match="stem_downsample"):
+        build_vlm(no_stem, tokenizer=_tokenizer())
+    deep = {**MODEL_CFG, "fine_channels": 4, "vision": {**vision, "stem_downsample": 3}}
+    with pytest.raises(ValueError, match="divisible by the stem stride 32"):
+        build_vlm(deep, tokenizer=_tokenizer())
 
 
 def test_light_box_head_reads_its_box_off_the_region_map() -> None:

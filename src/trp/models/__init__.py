@@ -13,7 +13,7 @@ from trp.models.build import (
     build_vision_encoder,
     build_vlm,
 )
-from trp.models.fine_stem import ConvStem
+from trp.models.fine_stem import ConvStem, StemDownsample
 from trp.models.light_heads import LightBoxHead, LightMaskHead, MaskReadout
 from trp.models.tokenizer import CHAT_TOKENS, load_tokenizer, save_tokenizer, train_tokenizer
 from trp.models.vlm import Generation, ReferringVLM, TargetQueries
@@ -21,6 +21,7 @@ from trp.models.vlm import Generation, ReferringVLM, TargetQueries
 __all__ = [
     "CHAT_TOKENS",
     "ConvStem",
+    "StemDownsample",
     "HEAD_IMPLS",
     "Generation",
     "LightBoxHead",

@@ -17,7 +17,7 @@ from torch import nn
 
 from trp.grammar import resize_embeddings
 from trp.heads import BoxHead, MaskHead
-from trp.models.fine_stem import ConvStem
+from trp.models.fine_stem import ConvStem, StemDownsample
 from trp.models.light_heads import LightBoxHead, LightMaskHead
 from trp.models.tokenizer import load_tokenizer, train_tokenizer
 from trp.models.vlm import ReferringVLM
@@ -37,7 +37,11 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
 
 
 def build_vision_encoder(
-    cfg: Mapping[str, Any], *, image_size: int, patch_size: int, stem: ConvStem | None = None
+    cfg: Mapping[str, Any],
+    *,
+    image_size: int,
+    patch_size: int,
+    stem: ConvStem | StemDownsample | None = None,
 ) -> nn.Module:
     """A timm ViT without classifier: ``timm.create_model(name, pretrained=False, ...)``.
 
@@ -45,9 +49,10 @@ def build_vision_encoder(
     ``weights`` (a local ``.safetensors`` / ``.pth`` state dict; never downloaded) and
     ``fused_attn`` (default true: scaled-dot-product attention kernels).
 
-    With a ``stem`` (stride 4) the patch embedding is timm's ``HybridEmbed`` over it: a
-    convolutional stem instead of one linear map per patch ("Early Convolutions Help
-    Transformers See Better", Xiao et al. 2021), which learns shapes far sooner from scratch.
+    With a ``stem`` (a :class:`ConvStem`, stride 4, or a :class:`StemDownsample`) the patch
+    embedding is timm's ``HybridEmbed`` over it: a convolutional stem instead of one linear map
+    per patch ("Early Convolutions Help Transformers See Better", Xiao et al. 2021), which
+    learns shapes far sooner from scratch.
     """
     import timm
 
@@ -55,9 +60,9 @@ def build_vision_encoder(
         raise ValueError(f"image_size={image_size} must be divisible by patch_size={patch_size}")
     extra: dict[str, Any] = {}
     if stem is not None:
-        if patch_size % ConvStem.stride:
+        if patch_size % stem.stride:
             raise ValueError(
-                f"patch_size={patch_size} must be divisible by the stem stride {ConvStem.stride}"
+                f"patch_size={patch_size} must be divisible by the stem stride {stem.stride}"
             )
         extra["embed_layer"] = functools.partial(_stem_embed, stem=stem)
     model = timm.create_model(
@@ -84,13 +89,21 @@ def build_vision_encoder(
     return model
 
 
-def _stem_embed(*, stem: ConvStem, img_size, patch_size, in_chans: int, embed_dim: int, **kwargs):
+def _stem_embed(
+    *,
+    stem: ConvStem | StemDownsample,
+    img_size,
+    patch_size,
+    in_chans: int,
+    embed_dim: int,
+    **kwargs,
+):
     """timm ``embed_layer`` factory: ``HybridEmbed`` over ``stem``, one token per
     ``patch_size`` pixels (a ``patch_size / stride`` convolution on the stem's map)."""
     from timm.layers import HybridEmbed, to_2tuple
 
     img, patch = to_2tuple(img_size), to_2tuple(patch_size)
-    s = ConvStem.stride
+    s = stem.stride
     return HybridEmbed(
         stem,
         img_size=img,
@@ -204,11 +217,17 @@ def build_vlm(cfg: Mapping[str, Any], *, tokenizer) -> ReferringVLM:
     conv_stem = bool(_get(cfg["vision"], "conv_stem", False))
     if conv_stem and stem is None:
         raise ValueError("vision.conv_stem needs a stem: set fine_channels > 0")
+    downsample = int(_get(cfg["vision"], "stem_downsample", 0))
+    if downsample < 0 or (downsample and not conv_stem):
+        raise ValueError(
+            f"vision.stem_downsample must be >= 0 and needs vision.conv_stem, got {downsample}"
+        )
+    vit_stem = StemDownsample(stem, downsample) if downsample else stem
     vision = build_vision_encoder(
         cfg["vision"],
         image_size=image_size,
         patch_size=patch_size,
-        stem=stem if conv_stem else None,
+        stem=vit_stem if conv_stem else None,
     )
     language = build_language_model(cfg["language"], vocab_size=len(tokenizer))
     resize_embeddings(language, tokenizer)
