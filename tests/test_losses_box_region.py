@@ -1,4 +1,5 @@
-"""Box-region targets and losses: hand-computed rectangles, perfect and empty predictions."""
+"""Box-region targets and losses: hand-computed rectangles and masks, perfect and empty
+predictions."""
 
 from __future__ import annotations
 
@@ -33,3 +34,20 @@ def test_region_loss_values() -> None:
     empty["loss_region_ce"].backward()
     with pytest.raises(ValueError, match="logits"):
         box_region_loss(torch.zeros(2, 4, 4), boxes)
+
+
+def test_region_loss_against_a_mask_target() -> None:
+    # A circle-like mask whose box is the whole 4 x 4 grid: the corners are outside the object.
+    boxes = torch.tensor([[0.5, 0.5, 1.0, 1.0]])
+    mask = torch.ones(1, 4, 4)
+    mask[0, [0, 0, 3, 3], [0, 3, 0, 3]] = 0
+    sure = (mask * 2 - 1) * 30.0
+    fit = box_region_loss(sure, boxes, masks=mask)
+    assert fit["loss_region_ce"] < 1e-6 and fit["loss_region_dice"] < 1e-6
+    # The same logits against the filled box miss its 4 corners.
+    assert box_region_loss(sure, boxes)["loss_region_ce"] > 1.0
+    # Soft targets (area fractions): p = 0.5 against 12 ones -> dice 1 - (2 * 6 + 1) / (8 + 12 + 1).
+    zero = box_region_loss(torch.zeros(1, 4, 4), boxes, masks=mask)
+    torch.testing.assert_close(zero["loss_region_dice"], torch.tensor(1 - 13 / 21))
+    with pytest.raises(ValueError, match="masks must match"):
+        box_region_loss(sure, boxes, masks=torch.ones(1, 2, 2))

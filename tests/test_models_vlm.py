@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from trp.data import ShapesDataset
 from trp.grammar import IMAGE, REF, TRP_SPECIAL_TOKENS, encode_text, vrt_base_of
 from trp.heads import masks_to_boxes
+from trp.losses import box_region_loss
 from trp.models import (
     ConvStem,
     LightBoxHead,
@@ -485,6 +486,21 @@ def test_vlm_with_fine_stem_feeds_the_heads_and_region_losses_train() -> None:
     assert out["heads"]["box"]["region_logits"].shape == (len(out["targets"]), 16, 16)
     losses = module.head_losses(out["heads"], out["targets"], batch)
     assert {"box/loss_region_ce", "box/loss_region_dice"} <= set(losses)
+    # box_region_target: mask trains the region map on the objects' masks at 1/4 size.
+    on_masks = ReferringModule(
+        model=model,
+        optim={"lr": 1e-3},
+        loss={**weights, "box_region_target": "mask"},
+        eval={"max_new_tokens": 8},
+    ).head_losses(out["heads"], out["targets"], batch)
+    sample = out["targets"].sample
+    want = box_region_loss(
+        out["heads"]["box"]["region_logits"],
+        batch["boxes"][sample],
+        masks=batch["masks_small"][sample],
+    )
+    torch.testing.assert_close(on_masks["box/loss_region_dice"], 3 * want["loss_region_dice"])
+    assert not torch.allclose(on_masks["box/loss_region_ce"], losses["box/loss_region_ce"])
     sum(losses.values()).backward()
     assert model.fine_stem.layers[0].weight.grad.abs().sum() > 0
 

@@ -180,6 +180,7 @@ def test_unknown_recipe_lists_the_known_ones() -> None:
         ("trainer.max_time=9min", "DD:HH:MM:SS"),
         ("loss.box_giou=-1", "loss.box_giou must be a number >= 0"),
         ("loss.mask_points=0", "loss.mask_points must be a positive int"),
+        ("loss.box_region_target=points", "loss.box_region_target must be one of"),
     ],
 )
 def test_bad_config_values_fail_early(tmp_path: Path, override: str, match: str) -> None:

@@ -2,6 +2,8 @@
 
 A box head that reads its box off a dense map (:class:`trp.models.LightBoxHead` with
 ``region=True``) needs only the box as ground truth: the target is the box's filled rectangle.
+Where the data also has the object's mask, the mask is the better target: its extent is the
+same (tight) box, and unlike a rectangle's empty corners it is a property of the pixels.
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ def box_region_masks(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     return (inside_y[:, :, None] & inside_x[:, None, :]).float()
 
 
-def box_region_loss(logits: Tensor, boxes: Tensor) -> dict[str, Tensor]:
+def box_region_loss(
+    logits: Tensor, boxes: Tensor, *, masks: Tensor | None = None
+) -> dict[str, Tensor]:
     """Sigmoid cross-entropy (mean over pixels) and dice of ``logits`` [N, H, W] against the
-    regions of ``boxes`` [N, 4] (normalised cxcywh), each averaged over the N objects.
+    regions of ``boxes`` [N, 4] (normalised cxcywh), or, when given, against ``masks`` [N, H, W]
+    (the objects' masks at the logits' resolution, values in [0, 1], e.g. area fractions), each
+    averaged over the N objects.
 
     Returns ``{"loss_region_ce", "loss_region_dice"}`` (zeros, still in the graph, for N = 0).
     """
@@ -40,10 +46,17 @@ def box_region_loss(logits: Tensor, boxes: Tensor) -> dict[str, Tensor]:
             f"logits must be [N, H, W] and boxes [N, 4], got {list(logits.shape)} and "
             f"{list(boxes.shape)}"
         )
+    if masks is not None and masks.shape != logits.shape:
+        raise ValueError(
+            f"masks must match the logits' shape {list(logits.shape)}, got {list(masks.shape)}"
+        )
     if logits.shape[0] == 0:
         zero = logits.sum() * 0.0
         return {"loss_region_ce": zero, "loss_region_dice": zero}
-    target = box_region_masks(boxes, tuple(logits.shape[-2:]))
+    if masks is not None:
+        target = masks.to(device=logits.device, dtype=torch.float32)
+    else:
+        target = box_region_masks(boxes, tuple(logits.shape[-2:]))
     pred = logits.float()
     ce = F.binary_cross_entropy_with_logits(pred, target, reduction="none").mean((1, 2))
     prob = pred.sigmoid().flatten(1)

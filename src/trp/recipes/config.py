@@ -11,12 +11,14 @@ from trp.recipes.data import DATASETS
 from trp.recipes.precision import PRECISIONS
 
 __all__ = [
+    "BOX_REGION_TARGETS",
     "STRATEGIES",
     "ConfigError",
     "validate_config",
 ]
 
 STRATEGIES: tuple[str, ...] = ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed")
+BOX_REGION_TARGETS: tuple[str, ...] = ("box", "mask")
 
 
 class ConfigError(ValueError):
@@ -43,6 +45,11 @@ def validate_config(cfg: DictConfig) -> None:
     for key, value in cfg.loss.items():
         if key == "mask_points":
             _positive(cfg, "loss.mask_points", value, integer=True)
+        elif key == "box_region_target":
+            if value not in BOX_REGION_TARGETS:
+                raise ConfigError(
+                    f"loss.box_region_target must be one of {BOX_REGION_TARGETS}, got {value!r}"
+                )
         elif isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ConfigError(f"loss.{key} must be a number >= 0, got {value!r}")
     for key in ("image_size", "patch_size"):

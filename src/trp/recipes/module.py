@@ -76,7 +76,8 @@ class ReferringModule(L.LightningModule):
         optim: ``lr``, ``weight_decay``, ``warmup_steps``, ``betas`` and ``min_lr_ratio``
             (cosine decay to ``lr * min_lr_ratio`` over the trainer's ``max_steps``).
         loss: weights ``token``, ``box_l1``, ``box_giou``, ``box_score``, ``box_region`` (CE
-            and dice of a box head's ``region_logits``, when it has them), ``mask_ce``,
+            and dice of a box head's ``region_logits``, when it has them, against the filled
+            target box or, with ``box_region_target: mask``, the object's mask), ``mask_ce``,
             ``mask_dice`` and ``mask_points`` (points sampled per mask).
         eval: ``max_new_tokens``, ``constrained``, ``mask_threshold``, ``threads`` (intra-op
             threads while evaluating) and ``prefill_phrase`` (force each answer to start with
@@ -221,7 +222,12 @@ class ReferringModule(L.LightningModule):
             losses.update({f"box/{k}": v for k, v in part.items()})
             if "region_logits" in heads["box"]:
                 weight = float(self.loss_cfg.get("box_region", 0.0))
-                region = box_region_loss(heads["box"]["region_logits"], batch["boxes"][sample])
+                masks = None
+                if self.loss_cfg.get("box_region_target", "box") == "mask":
+                    masks = batch["masks_small"][sample]
+                region = box_region_loss(
+                    heads["box"]["region_logits"], batch["boxes"][sample], masks=masks
+                )
                 losses.update({f"box/{k}": weight * v for k, v in region.items()})
         if "mask" in heads:
             mask_out = {
