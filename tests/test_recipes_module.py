@@ -85,7 +85,7 @@ def test_first_vrt_accuracy_matches_the_dense_argmax() -> None:
         hits.append(int(own.argmax()) in patches.tolist())
     accuracy = module.first_vrt_accuracy(out, batch)
     assert float(accuracy) == pytest.approx(sum(hits) / len(hits))
-    # One-hot prototypes (patch k of every image = axis k): a state pointing at axis k picks
+    # One-hot VRT rows (patch k of every image = axis k): a state pointing at axis k picks
     # patch k, so states at a target patch are all right and at a non-target all wrong.
     n = model.num_patches
     protos = torch.eye(n, out["hidden"].shape[-1]).repeat(len(batch["objects"]), 1)
@@ -95,7 +95,7 @@ def test_first_vrt_accuracy_matches_the_dense_argmax() -> None:
         outside = sorted(set(range(n)) - set(patches.tolist()))
         wrong[s, positions[0] - 1] = protos[outside[0]]
     for hidden, want in ((right, 1.0), (wrong, 0.0)):
-        got = module.first_vrt_accuracy({**out, "hidden": hidden, "prototypes": protos}, batch)
+        got = module.first_vrt_accuracy({**out, "hidden": hidden, "vrt_rows": protos}, batch)
         assert float(got) == want
 
 
