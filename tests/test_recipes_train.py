@@ -220,8 +220,16 @@ def test_auto_precision_is_bf16_on_gpus_and_where_bf16_is_measured_faster(
     assert precision.resolve_precision("32-true", "gpu") == "32-true"
     assert precision.resolve_precision("auto", "gpu") == "bf16-mixed"
     for speedup, want in ((2.0, "bf16-mixed"), (1.1, "32-true"), (0.7, "32-true")):
+        monkeypatch.delenv(precision.AUTO_PRECISION_ENV, raising=False)
         monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda s=speedup: s)
         assert precision.resolve_precision("auto", "cpu") == want
+        # Decided once: DDP ranks (child processes) inherit the choice instead of re-timing.
+        assert os.environ[precision.AUTO_PRECISION_ENV] == want
+        monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda s=3.0 - speedup: s)
+        assert precision.resolve_precision("auto", "cpu") == want
+    monkeypatch.setenv(precision.AUTO_PRECISION_ENV, "fp8")
+    with pytest.raises(ValueError, match="TRP_AUTO_PRECISION must be"):
+        precision.resolve_precision("auto", "cpu")
     with pytest.raises(ValueError, match="precision must be one of"):
         precision.resolve_precision("fp8", "cpu")
 
