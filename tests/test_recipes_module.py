@@ -143,3 +143,35 @@ def test_patch_class_probe_learns_from_the_class_maps() -> None:
         ).patch_probe
         is None
     )
+
+
+def test_patch_referent_probe_reads_the_image_states_against_mask_coverage() -> None:
+    model = _model().train()
+    loss = {**LOSS, "patch_referent": 3.0}
+    module = ReferringModule(model=model, optim=OPTIM, loss=loss, eval=EVAL)
+    batch = _batch(model, with_answers=True)
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    value = module.patch_referent_loss(out, batch)
+
+    # By hand: the states at the <image> tokens, each patch's covered fraction of the mask.
+    gh, gw = model.grid
+    h, w = model.image_size
+    want = []
+    for s in range(len(batch["objects"])):
+        states = out["hidden"][s][batch["input_ids"][s] == model.image_id]
+        logits = module.referent_probe(states)[:, 0]
+        cells = batch["masks"][s].float().reshape(gh, h // gh, gw, w // gw)
+        coverage = cells.mean((1, 3)).flatten()
+        want.append(F.binary_cross_entropy_with_logits(logits, coverage, reduction="none"))
+    torch.testing.assert_close(value, 3.0 * torch.cat(want).mean())
+    # The scene's object covers some patches fully and leaves others empty.
+    assert 0 < float(coverage.max()) and float(coverage.min()) == 0
+    value.backward()
+    assert model.language.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+    assert model.vision.patch_embed.proj.weight.grad.abs().sum() > 0
+    # Off by default; a prompt without its image tokens is refused.
+    assert ReferringModule(model=model, optim=OPTIM, loss=LOSS, eval=EVAL).referent_probe is None
+    broken = {**batch, "input_ids": batch["input_ids"].clone()}
+    broken["input_ids"][0, broken["input_ids"][0] == model.image_id] = model.pad_id
+    with pytest.raises(ValueError, match="image"):
+        module.patch_referent_loss(out, broken)

@@ -153,19 +153,36 @@ class ReferringVLM(nn.Module):
     def encode_images(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``images [B, 3, H, W]`` -> (vision map ``[B, C_v, h, w]``, patch tokens ``[B, N, D]``,
         prototypes ``[B * N, D]``)."""
+        return self._encode(images)[:3]
+
+    def _encode(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """:meth:`encode_images` plus :meth:`fine_features`. When the ViT's patch embedding
+        runs the fine stem (``vision.conv_stem``), its output is taken from that run instead of
+        running the stem a second time (~30 ms of a 0.39 s training step at batch 32)."""
         if images.dim() != 4 or tuple(images.shape[-2:]) != self.image_size:
             raise ValueError(
                 f"images must be [B, 3, {self.image_size[0]}, "
                 f"{self.image_size[1]}], got {list(images.shape)}"
             )
-        tokens = self.vision.forward_features(images)[:, self.vision.num_prefix_tokens :]
+        ran: list[Tensor] = []
+        hook = (
+            self.fine_stem.register_forward_hook(lambda _m, _i, out: ran.append(out))
+            if self.fine_stem is not None
+            else None
+        )
+        try:
+            tokens = self.vision.forward_features(images)[:, self.vision.num_prefix_tokens :]
+        finally:
+            if hook is not None:
+                hook.remove()
         b, n, c = tokens.shape
         if n != self.num_patches:
             raise ValueError(f"the vision encoder gave {n} patches, the grid is {self.grid}")
         fmap = tokens.transpose(1, 2).reshape(b, c, *self.grid)  # B x C_v x h x w
         adapted = self.adapter([fmap])
         patches = adapted.flat + adapted.flat_pos  # B x N x D
-        return fmap, patches, self.prototypes(patches.reshape(b * n, -1))
+        fine = ran[0] if len(ran) == 1 else self.fine_features(images)
+        return fmap, patches, self.prototypes(patches.reshape(b * n, -1)), fine
 
     def binding(self, batch_size: int) -> ImageBinding:
         return ImageBinding.from_grids(
@@ -354,7 +371,7 @@ class ReferringVLM(nn.Module):
         ``targets`` (:class:`TargetQueries`) and ``heads`` (unit -> head output, every head on
         every target).
         """
-        fmap, patches, prototypes = self.encode_images(images)
+        fmap, patches, prototypes, fine = self._encode(images)
         binding = self.binding(images.shape[0])
         embeds = self.embed_inputs(input_ids, patches, prototypes, binding)
         hidden = self.hidden_states(embeds, attention_mask).last_hidden_state  # B x L x D
@@ -368,7 +385,7 @@ class ReferringVLM(nn.Module):
             "vrt_rows": self.vrt_rows(hidden, input_ids, prototypes),
             "binding": binding,
             "targets": targets,
-            "heads": self.decode_targets(targets, fmap, fine=self.fine_features(images)),
+            "heads": self.decode_targets(targets, fmap, fine=fine),
         }
 
     def logits(self, hidden: Tensor, vrt_rows: Tensor, binding: ImageBinding) -> Tensor:
@@ -404,7 +421,7 @@ class ReferringVLM(nn.Module):
 
         b = images.shape[0]
         forced, forced_len = _pad_prefixes(forced_prefix, b, self.pad_id, max_new_tokens)
-        fmap, patches, prototypes = self.encode_images(images)
+        fmap, patches, prototypes, fine = self._encode(images)
         binding = self.binding(b)
         processor = None
         if constrained:
@@ -468,7 +485,7 @@ class ReferringVLM(nn.Module):
         prompt_len = input_ids.shape[1]
         shifted = [_shift_positions(p, prompt_len) if p is not None else _EMPTY for p in parses]
         targets = self.target_queries(shifted, hidden, ids)
-        heads = self.decode_targets(targets, fmap, fine=self.fine_features(images))
+        heads = self.decode_targets(targets, fmap, fine=fine)
         return gen, {"targets": targets, "heads": heads}
 
 

@@ -92,6 +92,14 @@ class ReferringModule(L.LightningModule):
             ``train/patch_class``): dense supervision that teaches a from-scratch ViT the shapes
             the expressions name far sooner than the referring losses alone. Not part of the
             model (checkpoints hold the VLM only).
+
+    With ``loss.patch_referent > 0`` a second linear probe reads the LM's last states at the
+    ``<image>`` tokens and predicts, for every patch, the fraction of it the referred object's
+    mask covers (binary cross-entropy with these soft targets, ``train/patch_referent``). With
+    the instruction before the image each patch's state has read the expression, so this is a
+    dense referring-segmentation signal on the states that :class:`trp.vrt.VRTContext` turns
+    into the VRT classifier rows: every patch of the scene says whether it is the referent,
+    where the token loss only rewards the one patch each VRT names. Not part of the model.
     """
 
     def __init__(
@@ -129,6 +137,11 @@ class ReferringModule(L.LightningModule):
         self.patch_probe = (
             torch.nn.Linear(model.vision_dim, num_patch_classes)
             if num_patch_classes > 0 and float(loss.get("patch_class", 0.0)) > 0
+            else None
+        )
+        self.referent_probe = (
+            torch.nn.Linear(int(model.language.config.hidden_size), 1)
+            if float(loss.get("patch_referent", 0.0)) > 0
             else None
         )
         self.rec = RECMetric()
@@ -186,6 +199,24 @@ class ReferringModule(L.LightningModule):
             )
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         return float(self.loss_cfg["patch_class"]) * ce
+
+    def patch_referent_loss(self, out: dict, batch: dict) -> Tensor:
+        """``loss.patch_referent`` x binary cross-entropy of the referent probe on the LM's last
+        states at the ``<image>`` tokens against each patch's coverage by the target mask."""
+        assert self.referent_probe is not None
+        is_image = batch["input_ids"] == self.model.image_id  # B x L
+        b, n = is_image.shape[0], self.model.num_patches
+        if bool((is_image.sum(1) != n).any()):
+            raise ValueError(
+                f"patch_referent needs {n} <image> tokens in every prompt, "
+                f"got {is_image.sum(1).tolist()}"
+            )
+        states = out["hidden"][is_image.to(out["hidden"].device)].reshape(b, n, -1)
+        logits = self.referent_probe(states.float())[..., 0]  # B x N
+        small = batch["masks_small"].to(logits.device).float()[:, None]  # B x 1 x h4 x w4
+        coverage = F.adaptive_avg_pool2d(small, self.model.grid).flatten(1)  # B x N
+        bce = F.binary_cross_entropy_with_logits(logits, coverage)
+        return float(self.loss_cfg["patch_referent"]) * bce
 
     @torch.no_grad()
     def first_vrt_accuracy(self, out: dict, batch: dict) -> Tensor | None:
@@ -251,6 +282,8 @@ class ReferringModule(L.LightningModule):
             losses = {"token": token, **self.head_losses(out["heads"], out["targets"], batch)}
             if self.patch_probe is not None and "patch_classes" in batch:
                 losses["patch_class"] = self.patch_class_loss(out["fmap"], batch)
+            if self.referent_probe is not None:
+                losses["patch_referent"] = self.patch_referent_loss(out, batch)
         total = sum(losses.values())
         bs = batch["images"].shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
