@@ -8,6 +8,7 @@ from functools import cache
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.nn import functional as F
 
 from trp.data import ShapesDataset
 from trp.grammar import IMAGE, REF, TRP_SPECIAL_TOKENS, encode_text, vrt_base_of
@@ -408,6 +409,26 @@ def test_conv_stem_is_stride_four_and_checks_its_input() -> None:
         ConvStem(0)
 
 
+def test_conv_stem_cells_are_centred_on_their_pixel_blocks() -> None:
+    # The receptive field of the two convolutions of cell (j, j) is centred on pixel 4j + 1.5,
+    # the centre of the 4 x 4 block the cell stands for.
+    stem = ConvStem(2)
+    convs = [m for m in stem.layers if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        for conv in convs:
+            conv.weight.fill_(1.0)
+            conv.bias.zero_()
+    image = torch.zeros(1, 3, 32, 32, requires_grad=True)
+    out = convs[1](convs[0](image))
+    for j in (2, 3, 5):
+        (grad,) = torch.autograd.grad(out[0, 0, j, j], image)
+        weight = grad[0, 0]
+        coords = torch.arange(32, dtype=torch.float32)
+        cy = float((weight.sum(1) * coords).sum() / weight.sum())
+        cx = float((weight.sum(0) * coords).sum() / weight.sum())
+        assert cy == pytest.approx(4 * j + 1.5) and cx == pytest.approx(4 * j + 1.5)
+
+
 def test_stem_downsample_continues_the_shared_stem_to_the_patch_grid() -> None:
     stem = ConvStem(6)
     down = StemDownsample(stem, 2)
@@ -458,6 +479,61 @@ def test_light_box_head_reads_its_box_off_the_region_map() -> None:
     assert box.region.fine.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="fine_features"):
         box(q, feats, image, image_size=(64, 64))
+
+
+def test_light_box_head_extent_scale_reads_edges_between_cells() -> None:
+    torch.manual_seed(0)
+    feats = [torch.randn(2, 24, 4, 4)]
+    fine = torch.randn(2, 4, 16, 16)
+    box = LightBoxHead(**TINY_HEAD, region=True, mask_dim=8, fine_channels=4, extent_scale=4)
+    q = torch.randn(3, 16)
+    image = torch.tensor([0, 1, 1])
+    out = box(q, feats, image, image_size=(64, 64), fine_features=fine)
+    region = out["region_logits"].detach()
+    # The zero-initialised refinement keeps the extent of the 4x upsampled logit map.
+    up = F.interpolate(region[:, None], size=(64, 64), mode="bilinear", align_corners=False)
+    extent = masks_to_boxes(up[:, 0] > 0)
+    found = extent[:, 2] > 0
+    assert found.any()
+    torch.testing.assert_close(out["boxes"][found], extent[found], atol=1e-4, rtol=0)
+    # A 1D step in logits between two cells: the upsampled zero crossing lies between them.
+    logits = torch.full((1, 4, 4), -1.0)
+    logits[0, :, 2:] = 3.0  # the crossing sits a quarter of the way from cell 1 to cell 2
+    coarse = masks_to_boxes(logits > 0)
+    fine_ext = masks_to_boxes(
+        F.interpolate(logits[:, None], scale_factor=4, mode="bilinear")[:, 0] > 0
+    )
+    x0_coarse = float(coarse[0, 0] - coarse[0, 2] / 2) * 4
+    x0_fine = float(fine_ext[0, 0] - fine_ext[0, 2] / 2) * 4
+    assert x0_coarse == 2.0 and 1.5 < x0_fine < 2.0
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="extent_scale"):
+            LightBoxHead(**TINY_HEAD, region=True, extent_scale=bad)
+
+
+def test_conv_stem_runs_once_per_forward() -> None:
+    cfg = {**MODEL_CFG, "fine_channels": 4, "vision": {**MODEL_CFG["vision"], "conv_stem": True}}
+    torch.manual_seed(0)
+    model = build_vlm(cfg, tokenizer=_tokenizer()).eval()
+    calls = []
+    model.fine_stem.register_forward_hook(lambda *_: calls.append(1))
+    batch = _batch(model, with_answers=True)
+    with torch.no_grad():
+        out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    assert len(calls) == 1
+    # The heads got the stem's map of these images: decoding again with a fresh stem run
+    # gives the same outputs.
+    fmap, fine = out["fmap"], model.fine_features(batch["images"])
+    with torch.no_grad():
+        again = model.decode_targets(out["targets"], fmap, fine=fine)
+    torch.testing.assert_close(again["mask"]["masks"], out["heads"]["mask"]["masks"])
+    # Without the conv-stem ViT the stem still runs (once) for the heads.
+    plain = build_vlm({**cfg, "vision": MODEL_CFG["vision"]}, tokenizer=_tokenizer()).eval()
+    calls.clear()
+    plain.fine_stem.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        plain(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    assert len(calls) == 1
 
 
 def test_vlm_with_fine_stem_feeds_the_heads_and_region_losses_train() -> None:
