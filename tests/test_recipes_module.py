@@ -136,6 +136,18 @@ def test_patch_class_probe_learns_from_the_class_maps() -> None:
     torch.testing.assert_close(value, want)
     value.backward()
     assert model.vision.patch_embed.proj.weight.grad.abs().sum() > 0
+    # The foreground term: the same cross-entropy averaged over the object patches only.
+    module.loss_cfg["patch_class_foreground"] = 3.0
+    labels = batch["patch_classes"].reshape(-1)
+    ce = F.cross_entropy(logits.reshape(-1, 6), labels, reduction="none")
+    assert (labels > 0).any() and (labels == 0).any()
+    with torch.no_grad():
+        both = module.patch_class_loss(out["fmap"], batch)
+    torch.testing.assert_close(both, want + 3.0 * ce[labels > 0].mean())
+    # A batch without object patches has no foreground term (not NaN).
+    empty = {**batch, "patch_classes": torch.zeros_like(batch["patch_classes"])}
+    with torch.no_grad():
+        assert torch.isfinite(module.patch_class_loss(out["fmap"], empty))
     # Without the weight (or without classes) there is no probe.
     assert (
         ReferringModule(

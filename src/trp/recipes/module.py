@@ -188,7 +188,10 @@ class ReferringModule(L.LightningModule):
         )
 
     def patch_class_loss(self, fmap: Tensor, batch: dict) -> Tensor:
-        """``loss.patch_class`` x cross-entropy of the probe's label for every patch."""
+        """``loss.patch_class`` x cross-entropy of the probe's label for every patch, plus
+        ``loss.patch_class_foreground`` x its mean over the patches of objects (label > 0):
+        most patches are background, and the mean over all of them leaves telling the shapes
+        apart a small share of the loss."""
         assert self.patch_probe is not None
         logits = self.patch_probe(fmap.flatten(2).transpose(1, 2).float())  # B x N x K
         labels = batch["patch_classes"].to(logits.device)
@@ -197,8 +200,15 @@ class ReferringModule(L.LightningModule):
                 f"patch_classes holds label {int(labels.max())}, the probe has "
                 f"{logits.shape[-1]} classes (num_patch_classes)"
             )
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        return float(self.loss_cfg["patch_class"]) * ce
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+        )
+        loss = float(self.loss_cfg["patch_class"]) * ce.mean()
+        foreground = float(self.loss_cfg.get("patch_class_foreground", 0.0))
+        objects = labels.reshape(-1) > 0
+        if foreground > 0 and bool(objects.any()):
+            loss = loss + foreground * ce[objects].mean()
+        return loss
 
     def patch_referent_loss(self, out: dict, batch: dict) -> Tensor:
         """``loss.patch_referent`` x binary cross-entropy of the referent probe on the LM's last
