@@ -421,7 +421,7 @@ def test_conv_stem_cells_are_centred_on_their_pixel_blocks() -> None:
     image = torch.zeros(1, 3, 32, 32, requires_grad=True)
     out = convs[1](convs[0](image))
     for j in (2, 3, 5):
-        (grad,) = torch.autograd.grad(out[0, 0, j, j], image)
+        (grad,) = torch.autograd.grad(out[0, 0, j, j], image, retain_graph=True)
         weight = grad[0, 0]
         coords = torch.arange(32, dtype=torch.float32)
         cy = float((weight.sum(1) * coords).sum() / weight.sum())

@@ -176,8 +176,8 @@ def test_patch_referent_probe_reads_the_image_states_against_mask_coverage() -> 
         coverage = cells.mean((1, 3)).flatten()
         want.append(F.binary_cross_entropy_with_logits(logits, coverage, reduction="none"))
     torch.testing.assert_close(value, 3.0 * torch.cat(want).mean())
-    # The scene's object covers some patches fully and leaves others empty.
-    assert 0 < float(coverage.max()) and float(coverage.min()) == 0
+    # The object covers some patches and leaves others empty.
+    assert float(coverage.max()) > 0 and float(coverage.min()) == 0
     value.backward()
     assert model.language.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
     assert model.vision.patch_embed.proj.weight.grad.abs().sum() > 0
