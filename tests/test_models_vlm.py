@@ -250,6 +250,14 @@ def test_build_head_rejects_unknown_units_and_impls() -> None:
         build_head("points", {"impl": "light"}, in_dim=8, in_channels=[8])
     with pytest.raises(ValueError, match="unknown box head impl"):
         build_head("box", {"impl": "magic"}, in_dim=8, in_channels=[8])
+    # The light head's settings on another impl: named, not a TypeError from inside it.
+    with pytest.raises(ValueError, match=r"BoxHead \('deformable'\) takes no \['extent_scale'"):
+        build_head(
+            "box",
+            {"impl": "deformable", "extent_scale": 4, "region": True},
+            in_dim=8,
+            in_channels=[8],
+        )
 
 
 def test_checkpoint_round_trip_is_exact(tmp_path) -> None:

@@ -144,6 +144,16 @@ def test_patch_class_probe_learns_from_the_class_maps() -> None:
     with torch.no_grad():
         both = module.patch_class_loss(out["fmap"], batch)
     torch.testing.assert_close(both, want + 3.0 * ce[labels > 0].mean())
+    # The foreground weight alone also makes the probe.
+    alone = {**LOSS, "patch_class_foreground": 1.0}
+    only = ReferringModule(model=model, optim=OPTIM, loss=alone, eval=EVAL, num_patch_classes=6)
+    assert only.patch_probe is not None
+    with torch.no_grad():
+        logits_only = only.patch_probe(out["fmap"].flatten(2).transpose(1, 2))
+        ce_only = F.cross_entropy(logits_only.reshape(-1, 6), labels, reduction="none")
+        torch.testing.assert_close(
+            only.patch_class_loss(out["fmap"], batch), ce_only[labels > 0].mean()
+        )
     # A batch without object patches has no foreground term (not NaN).
     empty = {**batch, "patch_classes": torch.zeros_like(batch["patch_classes"])}
     with torch.no_grad():

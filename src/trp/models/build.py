@@ -195,7 +195,14 @@ def build_head(
     if impl not in HEAD_IMPLS[unit]:
         raise ValueError(f"unknown {unit} head impl {impl!r}; known: {sorted(HEAD_IMPLS[unit])}")
     cls = HEAD_IMPLS[unit][impl]
-    if fine_channels and "fine_channels" in inspect.signature(cls).parameters:
+    accepted = inspect.signature(cls).parameters
+    unknown = sorted(k for k in kwargs if k not in accepted)
+    if unknown:
+        raise ValueError(
+            f"model.heads.{unit}: {cls.__name__} ({impl!r}) takes no {unknown}; "
+            "switching impl needs that head's own settings (e.g. model=tiny_vlm_deformable)"
+        )
+    if fine_channels and "fine_channels" in accepted:
         kwargs["fine_channels"] = fine_channels
     return cls(in_dim=in_dim, in_channels=in_channels, **kwargs)
 

@@ -90,8 +90,9 @@ class ReferringModule(L.LightningModule):
         num_patch_classes: labels of the batches' ``patch_classes`` (background included); with
             ``loss.patch_class > 0`` a linear probe on the vision map learns them (cross-entropy,
             ``train/patch_class``): dense supervision that teaches a from-scratch ViT the shapes
-            the expressions name far sooner than the referring losses alone. Not part of the
-            model (checkpoints hold the VLM only).
+            the expressions name far sooner than the referring losses alone;
+            ``loss.patch_class_foreground`` adds its mean over the object patches alone. Not
+            part of the model (checkpoints hold the VLM only).
 
     With ``loss.patch_referent > 0`` a second linear probe reads the LM's last states at the
     ``<image>`` tokens and predicts, for every patch, the fraction of it the referred object's
@@ -134,9 +135,12 @@ class ReferringModule(L.LightningModule):
         )
         # Auxiliary dense supervision of the vision encoder: a linear probe classifies every
         # patch (background or a class) from the vision map, when batches bring patch_classes.
+        probe_weight = float(loss.get("patch_class", 0.0)) + float(
+            loss.get("patch_class_foreground", 0.0)
+        )
         self.patch_probe = (
             torch.nn.Linear(model.vision_dim, num_patch_classes)
-            if num_patch_classes > 0 and float(loss.get("patch_class", 0.0)) > 0
+            if num_patch_classes > 0 and probe_weight > 0
             else None
         )
         self.referent_probe = (
@@ -203,7 +207,7 @@ class ReferringModule(L.LightningModule):
         ce = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
         )
-        loss = float(self.loss_cfg["patch_class"]) * ce.mean()
+        loss = float(self.loss_cfg.get("patch_class", 0.0)) * ce.mean()
         foreground = float(self.loss_cfg.get("patch_class_foreground", 0.0))
         objects = labels.reshape(-1) > 0
         if foreground > 0 and bool(objects.any()):
