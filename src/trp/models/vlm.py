@@ -213,14 +213,21 @@ class ReferringVLM(nn.Module):
         states) at the ``<image>`` positions of ``input_ids [B, L]``."""
         if self.vrt_context is None:
             return prototypes
+        states = self.image_states(hidden, input_ids, purpose="contextual VRT rows")
+        return self.vrt_context(prototypes, states.flatten(0, 1))
+
+    def image_states(self, hidden: Tensor, input_ids: Tensor, *, purpose: str) -> Tensor:
+        """``hidden [B, L, D]`` at the ``<image>`` positions of ``input_ids [B, L]`` ->
+        ``[B, N, D]`` (patch order); every prompt must hold the ``N`` image tokens
+        (``purpose`` names the caller in the error)."""
         is_image = input_ids == self.image_id  # B x L
         counts = is_image.sum(1)
         if bool((counts != self.num_patches).any()):
             raise ValueError(
-                f"contextual VRT rows need {self.num_patches} <image> tokens in every prompt, "
+                f"{purpose} need {self.num_patches} <image> tokens in every prompt, "
                 f"got {counts.tolist()}"
             )
-        return self.vrt_context(prototypes, hidden[is_image])
+        return hidden[is_image.to(hidden.device)].reshape(len(counts), self.num_patches, -1)
 
     # ------------------------------------------------------------------ language side
     def hidden_states(self, embeds: Tensor, attention_mask: Tensor, **kwargs):

@@ -28,7 +28,7 @@ from trp.losses import BoxCriterion, MaskCriterion, box_cxcywh_to_xyxy, box_regi
 from trp.metrics import RECMetric, RESMetric
 from trp.models.vlm import ReferringVLM
 from trp.ops import vrt_linear_cross_entropy
-from trp.vrt import robust_exclusions
+from trp.vrt import mask_coverage, robust_exclusions
 
 __all__ = ["ReferringModule", "WarmupCosine"]
 
@@ -218,17 +218,13 @@ class ReferringModule(L.LightningModule):
         """``loss.patch_referent`` x binary cross-entropy of the referent probe on the LM's last
         states at the ``<image>`` tokens against each patch's coverage by the target mask."""
         assert self.referent_probe is not None
-        is_image = batch["input_ids"] == self.model.image_id  # B x L
-        b, n = is_image.shape[0], self.model.num_patches
-        if bool((is_image.sum(1) != n).any()):
-            raise ValueError(
-                f"patch_referent needs {n} <image> tokens in every prompt, "
-                f"got {is_image.sum(1).tolist()}"
-            )
-        states = out["hidden"][is_image.to(out["hidden"].device)].reshape(b, n, -1)
+        states = self.model.image_states(
+            out["hidden"], batch["input_ids"], purpose="the patch_referent probe's states"
+        )
         logits = self.referent_probe(states.float())[..., 0]  # B x N
-        small = batch["masks_small"].to(logits.device).float()[:, None]  # B x 1 x h4 x w4
-        coverage = F.adaptive_avg_pool2d(small, self.model.grid).flatten(1)  # B x N
+        coverage = torch.stack(
+            [mask_coverage(m, self.model.grid).flatten() for m in batch["masks"]]
+        ).to(logits.device)  # B x N
         bce = F.binary_cross_entropy_with_logits(logits, coverage)
         return float(self.loss_cfg["patch_referent"]) * bce
 
