@@ -133,7 +133,7 @@ def test_native_op_checks_preconditions(gen):
         torch.ops.trp.soft_argmax_backward(coords[:1], lse, x, coords, lse, 1.0)
     with pytest.raises(ValueError, match=r"logsumexp must have shape \[2, 3\]"):
         torch.ops.trp.soft_argmax_backward(coords, lse, x, coords, lse[:, :1], 1.0)
-    with pytest.raises(TypeError, match="same dtype"):
+    with pytest.raises(TypeError, match="grad_coords must have dtype Double"):
         torch.ops.trp.soft_argmax_backward(coords.float(), lse, x, coords, lse, 1.0)
 
 
@@ -152,3 +152,85 @@ def test_torch_compile_no_graph_break(gen):
     torch.testing.assert_close(out, soft_argmax(x, beta=2.0).sum())
     out.backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("beta", [1.0, 3.0])
+def test_negative_infinity_logits(beta, gen):
+    # A -inf logit seen while the running max is still -inf (element 0 on the CPU, each CUDA
+    # thread's first element) gave exp(-inf - -inf) = NaN.
+    x = heatmaps(2, 3, 6, 5, gen=gen)
+    x[0, 0, 0, 0] = float("-inf")
+    x[0, 1, :3] = float("-inf")  # the row's first 15 elements
+    x[1, 2, :, ::2] = float("-inf")
+    out = soft_argmax(x, beta=beta)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out, reference.soft_argmax(x, beta), rtol=1e-12, atol=1e-12)
+    h = x.clone().requires_grad_()
+    weights = torch.randn(2, 3, 2, dtype=x.dtype, generator=gen)
+    (soft_argmax(h, beta=beta) * weights).sum().backward()
+    r = x.clone().requires_grad_()
+    (reference.soft_argmax(r, beta) * weights).sum().backward()
+    torch.testing.assert_close(h.grad, r.grad, rtol=1e-12, atol=1e-12)
+
+
+@requires_native
+def test_all_negative_infinity_row_is_nan_like_the_reference():
+    x = torch.full((1, 1, 3, 3), float("-inf"), dtype=torch.float64)
+    assert soft_argmax(x).isnan().all() and reference.soft_argmax(x, 1.0).isnan().all()
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_keep_float32_statistics(dtype, gen):
+    # Logits around 25: a bfloat16 logsumexp there is off by up to 1/16, which moves every
+    # probability the backward recomputes by up to 6%.
+    x = (heatmaps(3, 4, 12, 10, dtype=torch.float64, scale=2.0, gen=gen) + 25.0).to(dtype)
+    coords, lse = torch.ops.trp.soft_argmax(x, 1.0)
+    assert coords.dtype == lse.dtype == torch.float32
+    exact = x.double()
+    torch.testing.assert_close(
+        lse.double(), torch.logsumexp(exact.flatten(2), -1), rtol=1e-6, atol=1e-5
+    )
+    torch.testing.assert_close(
+        coords.double(), reference.soft_argmax(exact, 1.0), rtol=1e-5, atol=1e-5
+    )
+    grad_coords = torch.randn(3, 4, 2, generator=gen)
+    grad_lse = torch.randn(3, 4, generator=gen)
+    r = exact.clone().requires_grad_()
+    out = reference.soft_argmax(r, 1.0)
+    ref_lse = torch.logsumexp(r.flatten(2), -1)
+    ((out * grad_coords.double()).sum() + (ref_lse * grad_lse.double()).sum()).backward()
+    scale = r.grad.abs().max()
+
+    def error(saved_coords, saved_lse):
+        grad = torch.ops.trp.soft_argmax_backward(
+            grad_coords, grad_lse, x, saved_coords, saved_lse, 1.0
+        )
+        assert grad.dtype == dtype
+        return ((grad.double() - r.grad).abs().max() / scale).item()
+
+    # Only the output's own rounding is left (half an ulp: 2^-9 bfloat16, 2^-12 float16).
+    ulp = torch.finfo(dtype).eps
+    good = error(coords, lse)
+    assert good < ulp
+    # The same backward fed statistics rounded to the input dtype (the bug) is several ulps off.
+    assert error(coords.to(dtype).float(), lse.to(dtype).float()) > 4 * ulp > 4 * good
+    # Through the Python API: coords come back in the input dtype, gradients flow.
+    h = x.clone().requires_grad_()
+    api = soft_argmax(h)
+    assert api.dtype == dtype
+    (api.float() * grad_coords).sum().backward()
+    assert h.grad.dtype == dtype and h.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_autocast_gives_float32(fused, gen):
+    from trp.ops import use_fused
+
+    x = heatmaps(2, 3, 6, 5, dtype=torch.float32, gen=gen)
+    with use_fused(fused), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = soft_argmax(x.bfloat16(), beta=2.0)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(
+        out, reference.soft_argmax(x.bfloat16().float(), 2.0), rtol=1e-5, atol=1e-5
+    )

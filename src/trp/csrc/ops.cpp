@@ -1,7 +1,14 @@
-// Schemas of every trp op. Device implementations register themselves in their own files
-// (TORCH_LIBRARY_IMPL(trp, CPU/CUDA, m)); fake/meta and autograd are registered in Python
-// (trp/ops/*.py), following pytorch/extension-cpp.
+// Schemas of every trp op and their Autocast kernels. Device implementations register
+// themselves in their own files (TORCH_LIBRARY_IMPL(trp, CPU/CUDA, m)); fake/meta and autograd
+// are registered in Python (trp/ops/*.py), following pytorch/extension-cpp.
 #include <Python.h>
+
+#include <optional>
+
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 extern "C" {
@@ -82,4 +89,79 @@ TORCH_LIBRARY(trp, m) {
       "Tensor target_masks, int seed, int num_points, int num_uncertain, int num_candidates, "
       "float weight_mask, float weight_dice, float num_masks, bool compute_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+// Autocast contract (as torchvision's roi_align): under bf16/fp16 autocast every trp op computes
+// in float32. The Autocast kernel casts each float16/bfloat16 tensor argument to float32
+// (at::autocast::cached_cast: float64 and integer tensors are left alone) and calls the op again
+// with its autocast key excluded, so the Autograd kernel (registered in Python) records the casts
+// and the device kernel sees one dtype. Outputs stay float32 (losses, costs, coordinates and
+// mask logits are wanted in float32 by their callers, like autocast's own fp32-policy ops),
+// except ms_deform_attn, a layer in the middle of a network: its output is cast back to the
+// dtype of `value`, as torchvision casts roi_align's output back to the dtype of `input`.
+// Backward ops are registered too (torchvision does the same for _roi_align_backward): a
+// backward run under autocast must not see mixed dtypes either.
+namespace {
+
+template <c10::DispatchKey kAutocastKey, c10::DeviceType kDevice, bool kCastBack>
+void autocast_to_fp32(const c10::OperatorHandle& op, c10::DispatchKeySet /*keys*/,
+                      torch::jit::Stack* stack) {
+  const size_t num_args = op.schema().arguments().size();
+  std::optional<at::ScalarType> first_dtype;
+  for (size_t i = stack->size() - num_args; i < stack->size(); ++i) {
+    c10::IValue& arg = (*stack)[i];
+    if (!arg.isTensor()) {
+      continue;
+    }
+    const at::Tensor t = arg.toTensor();
+    if (!first_dtype.has_value() && t.defined()) {
+      first_dtype = t.scalar_type();
+    }
+    arg = at::autocast::cached_cast(at::kFloat, t, kDevice);
+  }
+  {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(kAutocastKey);
+    op.callBoxed(stack);
+  }
+  if (kCastBack && first_dtype.has_value()) {
+    c10::IValue& out = (*stack)[stack->size() - op.schema().returns().size()];
+    out = out.toTensor().to(*first_dtype);
+  }
+}
+
+template <c10::DispatchKey kAutocastKey, c10::DeviceType kDevice>
+void register_autocast(torch::Library& m) {
+  constexpr const char* fp32_ops[] = {
+      "box_iou",
+      "generalized_box_iou",
+      "box_iou_backward",
+      "match_cost",
+      "ms_deform_attn_backward",
+      "point_mask_logits",
+      "point_mask_logits_backward",
+      "point_mask_loss",
+      "point_mask_loss_backward",
+      "point_mask_loss_layers",
+      "vrt_linear_cross_entropy",
+      "vrt_linear_cross_entropy_backward",
+      "soft_argmax",
+      "soft_argmax_backward",
+      "oks",
+  };
+  for (const char* name : fp32_ops) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<
+                     &autocast_to_fp32<kAutocastKey, kDevice, /*kCastBack=*/false>>());
+  }
+  m.impl("ms_deform_attn", torch::CppFunction::makeFromBoxedFunction<
+                               &autocast_to_fp32<kAutocastKey, kDevice, /*kCastBack=*/true>>());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(trp, AutocastCPU, m) {
+  register_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>(m);
+}
+
+TORCH_LIBRARY_IMPL(trp, AutocastCUDA, m) {
+  register_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>(m);
 }

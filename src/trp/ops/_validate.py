@@ -6,6 +6,9 @@ fallback (no ``trp._C``, or ``TRP_FUSED=0``) the same clear errors.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -61,3 +64,41 @@ def check_offsets(offsets: object, num_blocks: int, total: int, name: str) -> Te
             f"{name} must start at 0, be non-decreasing and end at {total}, got {host}"
         )
     return offsets
+
+
+def autocast_active(t: Tensor) -> bool:
+    """Whether autocast is on for ``t``'s device type.
+
+    The fused ops then compute in float32: their Autocast kernels (``csrc/ops.cpp``) cast every
+    float16/bfloat16 input to float32, so inputs of mixed float dtypes are accepted (a bfloat16
+    ``value`` from an autocast linear next to float32 sampling locations) and the outputs are
+    float32, except where noted per op.
+    """
+    return torch.is_autocast_enabled(t.device.type)
+
+
+def _to_fp32(t: object) -> object:
+    if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
+
+
+@contextlib.contextmanager
+def reference_autocast(device: torch.device) -> Iterator[bool]:
+    """Runs an eager reference under the same contract as the Autocast kernels.
+
+    Yields whether autocast was on; inside, autocast is off, so the reference (which has no
+    dispatcher kernel of its own) computes in the float32 its inputs are cast to with
+    :func:`fp32_inputs`.
+    """
+    active = torch.is_autocast_enabled(device.type)
+    if not active:
+        yield False
+        return
+    with torch.autocast(device.type, enabled=False):
+        yield True
+
+
+def fp32_inputs(*tensors: object) -> tuple:
+    """float16/bfloat16 tensors cast to float32, the rest unchanged (the Autocast kernels' rule)."""
+    return tuple(_to_fp32(t) for t in tensors)

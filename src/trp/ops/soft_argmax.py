@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from trp._native import native_available, should_use_fused
 from trp.ops import reference
-from trp.ops._validate import check_floating
+from trp.ops._validate import autocast_active, check_floating, fp32_inputs, reference_autocast
 
 __all__ = ["SoftArgmax", "soft_argmax"]
 
@@ -34,7 +34,9 @@ def soft_argmax(heatmaps: Tensor, *, beta: float = 1.0) -> Tensor:
         heatmaps (Tensor[B, K, H, W]): logits of K keypoints per image, H, W >= 1.
         beta (float): inverse temperature; larger is closer to the hard argmax.
     Returns:
-        Tensor[B, K, 2]: (x, y) in [0, 1], pixel (i, j) at ((j + 0.5) / W, (i + 0.5) / H).
+        Tensor[B, K, 2]: (x, y) in [0, 1], pixel (i, j) at ((j + 0.5) / W, (i + 0.5) / H), in the
+        dtype of ``heatmaps`` (float32 under autocast). float16/bfloat16 heatmaps are
+        accumulated in float32 and the statistics the backward reads are kept in float32.
     """
     check_floating(heatmaps, "heatmaps")
     if heatmaps.dim() != 4:
@@ -43,8 +45,12 @@ def soft_argmax(heatmaps: Tensor, *, beta: float = 1.0) -> Tensor:
         raise ValueError(f"heatmaps must have a non-empty H x W grid, got {list(heatmaps.shape)}")
     beta = _check_beta(beta)
     if should_use_fused(heatmaps):
-        return torch.ops.trp.soft_argmax(heatmaps, beta)[0]
-    return reference.soft_argmax(heatmaps, beta)
+        coords = torch.ops.trp.soft_argmax(heatmaps, beta)[0]  # float32 for half inputs
+        return coords if autocast_active(heatmaps) else coords.to(heatmaps.dtype)
+    with reference_autocast(heatmaps.device) as active:
+        if active:
+            (heatmaps,) = fp32_inputs(heatmaps)
+        return reference.soft_argmax(heatmaps, beta)
 
 
 class SoftArgmax(nn.Module):
@@ -61,11 +67,20 @@ class SoftArgmax(nn.Module):
         return f"beta={self.beta}"
 
 
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation type, in which coords and logsumexp are returned."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _register() -> None:
     @torch.library.register_fake("trp::soft_argmax")
     def _(heatmaps, beta):
+        check_floating(heatmaps, "heatmaps")
+        if heatmaps.dim() != 4:
+            raise ValueError(f"heatmaps must be 4-D, got shape {list(heatmaps.shape)}")
         b, k = heatmaps.shape[:2]
-        return heatmaps.new_empty((b, k, 2)), heatmaps.new_empty((b, k))
+        dtype = _stats_dtype(heatmaps.dtype)
+        return heatmaps.new_empty((b, k, 2), dtype=dtype), heatmaps.new_empty((b, k), dtype=dtype)
 
     @torch.library.register_fake("trp::soft_argmax_backward")
     def _(grad_coords, grad_lse, heatmaps, coords, lse, beta):

@@ -7,6 +7,8 @@
 #include <cmath>
 #include <limits>
 
+#include <ATen/OpMathType.h>
+
 #include "common.h"
 
 namespace trp {
@@ -38,7 +40,10 @@ struct Online {
       sx = sx * scale + x;
       sy = sy * scale + y;
       max = v;
-    } else {
+    } else if (v != -std::numeric_limits<T>::infinity()) {
+      // A -inf logit has probability 0 and is skipped: while the running max is still -inf
+      // (the row's first elements, or each CUDA thread's first ones) exp(v - max) would be
+      // exp(-inf + inf) = NaN. A NaN logit still propagates (NaN != -inf).
       const T e = std::exp(v - max);
       sum += e;
       sx += e * x;
@@ -85,6 +90,13 @@ inline void check_heatmaps(const at::Tensor& heatmaps) {
                     "heatmaps must have a non-empty H x W grid, got shape ", heatmaps.sizes());
 }
 
+// The statistics (coords, logsumexp) are returned in the accumulation type (float32 for
+// half/bfloat16 heatmaps): the backward recomputes exp(beta * h - lse), and a bfloat16 lse near
+// 30 is off by up to 1/16, i.e. 6% in every probability.
+inline at::ScalarType stats_dtype(at::ScalarType heatmaps) {
+  return at::toOpMathType(heatmaps);
+}
+
 inline void check_backward_inputs(const at::Tensor& grad_coords, const at::Tensor& grad_lse,
                                   const at::Tensor& heatmaps, const at::Tensor& coords,
                                   const at::Tensor& lse) {
@@ -92,14 +104,14 @@ inline void check_backward_inputs(const at::Tensor& grad_coords, const at::Tenso
   const int64_t b = heatmaps.size(0), k = heatmaps.size(1);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_coords, "grad_coords"},
                                 {coords, "coords"}}) {
-    check_same_dtype(heatmaps, t, "heatmaps", name);
+    check_dtype(t, stats_dtype(heatmaps.scalar_type()), name);
     check_same_device(heatmaps, t, "heatmaps", name);
     TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == b && t.size(1) == k && t.size(2) == 2, name,
                       " must have shape [", b, ", ", k, ", 2], got ", t.sizes());
   }
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_lse, "grad_logsumexp"},
                                 {lse, "logsumexp"}}) {
-    check_same_dtype(heatmaps, t, "heatmaps", name);
+    check_dtype(t, stats_dtype(heatmaps.scalar_type()), name);
     check_same_device(heatmaps, t, "heatmaps", name);
     TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == b && t.size(1) == k, name,
                       " must have shape [", b, ", ", k, "], got ", t.sizes());

@@ -1,6 +1,7 @@
 // CUDA launcher of soft_argmax: one block per (b, k) row, each thread an online softmax over a
 // strided slice of the row, merged by a shared-memory tree (the same Online statistics as the
-// CPU launcher); the backward is a grid-stride loop over the elements. Math in opmath.
+// CPU launcher); the backward is a grid-stride loop over the elements. Math in opmath, and the
+// statistics (coords, logsumexp) stored in opmath too (see stats_dtype).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -13,7 +14,8 @@ namespace soft_argmax {
 namespace {
 
 template <typename scalar_t>
-__global__ void forward_kernel(const scalar_t* heatmaps, scalar_t* coords, scalar_t* lse,
+__global__ void forward_kernel(const scalar_t* heatmaps, at::opmath_type<scalar_t>* coords,
+                               at::opmath_type<scalar_t>* lse,
                                int64_t height, int64_t width, at::opmath_type<scalar_t> beta) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ Online<acc_t> shared[kThreads];
@@ -32,18 +34,16 @@ __global__ void forward_kernel(const scalar_t* heatmaps, scalar_t* coords, scala
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    acc_t c[2], l;
-    shared[0].finish(c, &l);
-    coords[2 * r] = static_cast<scalar_t>(c[0]);
-    coords[2 * r + 1] = static_cast<scalar_t>(c[1]);
-    lse[r] = static_cast<scalar_t>(l);
+    shared[0].finish(coords + 2 * r, lse + r);
   }
 }
 
 template <typename scalar_t>
-__global__ void backward_kernel(const scalar_t* heatmaps, const scalar_t* grad_coords,
-                                const scalar_t* grad_lse, const scalar_t* coords,
-                                const scalar_t* lse, scalar_t* grad, int64_t total,
+__global__ void backward_kernel(const scalar_t* heatmaps,
+                                const at::opmath_type<scalar_t>* grad_coords,
+                                const at::opmath_type<scalar_t>* grad_lse,
+                                const at::opmath_type<scalar_t>* coords,
+                                const at::opmath_type<scalar_t>* lse, scalar_t* grad, int64_t total,
                                 int64_t height, int64_t width, at::opmath_type<scalar_t> beta) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = height * width;
@@ -51,9 +51,8 @@ __global__ void backward_kernel(const scalar_t* heatmaps, const scalar_t* grad_c
     const int64_t r = e / n, i = (e % n) / width, j = e % width;
     grad[e] = static_cast<scalar_t>(grad_at<acc_t>(
         static_cast<acc_t>(heatmaps[e]), centre<acc_t>(j, width), centre<acc_t>(i, height), beta,
-        static_cast<acc_t>(coords[2 * r]), static_cast<acc_t>(coords[2 * r + 1]),
-        static_cast<acc_t>(lse[r]), static_cast<acc_t>(grad_coords[2 * r]),
-        static_cast<acc_t>(grad_coords[2 * r + 1]), static_cast<acc_t>(grad_lse[r])));
+        coords[2 * r], coords[2 * r + 1], lse[r], grad_coords[2 * r], grad_coords[2 * r + 1],
+        grad_lse[r]));
   }
 }
 
@@ -62,17 +61,19 @@ std::tuple<at::Tensor, at::Tensor> soft_argmax_cuda(const at::Tensor& heatmaps_i
   const c10::cuda::CUDAGuard guard(heatmaps_in.device());
   const at::Tensor heatmaps = heatmaps_in.contiguous();
   const int64_t rows = heatmaps.size(0) * heatmaps.size(1);
-  at::Tensor coords = at::empty({heatmaps.size(0), heatmaps.size(1), 2}, heatmaps.options());
-  at::Tensor lse = at::empty({heatmaps.size(0), heatmaps.size(1)}, heatmaps.options());
+  const auto stats = heatmaps.options().dtype(stats_dtype(heatmaps.scalar_type()));
+  at::Tensor coords = at::empty({heatmaps.size(0), heatmaps.size(1), 2}, stats);
+  at::Tensor lse = at::empty({heatmaps.size(0), heatmaps.size(1)}, stats);
   if (rows == 0) {
     return {coords, lse};
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, heatmaps.scalar_type(),
                                   "trp::soft_argmax_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     forward_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(
-        heatmaps.const_data_ptr<scalar_t>(), coords.mutable_data_ptr<scalar_t>(),
-        lse.mutable_data_ptr<scalar_t>(), heatmaps.size(2), heatmaps.size(3),
+        heatmaps.const_data_ptr<scalar_t>(), coords.mutable_data_ptr<acc_t>(),
+        lse.mutable_data_ptr<acc_t>(), heatmaps.size(2), heatmaps.size(3),
         static_cast<at::opmath_type<scalar_t>>(beta));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -98,10 +99,11 @@ at::Tensor soft_argmax_backward_cuda(const at::Tensor& grad_coords_in,
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, heatmaps.scalar_type(),
                                   "trp::soft_argmax_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     backward_kernel<scalar_t><<<grid_for(total), kThreads, 0, stream>>>(
-        heatmaps.const_data_ptr<scalar_t>(), grad_coords.const_data_ptr<scalar_t>(),
-        grad_lse.const_data_ptr<scalar_t>(), coords.const_data_ptr<scalar_t>(),
-        lse.const_data_ptr<scalar_t>(), grad.mutable_data_ptr<scalar_t>(), total,
+        heatmaps.const_data_ptr<scalar_t>(), grad_coords.const_data_ptr<acc_t>(),
+        grad_lse.const_data_ptr<acc_t>(), coords.const_data_ptr<acc_t>(),
+        lse.const_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>(), total,
         heatmaps.size(2), heatmaps.size(3), static_cast<at::opmath_type<scalar_t>>(beta));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
