@@ -322,3 +322,52 @@ def test_cuda_matches_cpu(dtype, tol, gen):
         assert a.dtype == dtype
         scale = float(b.abs().max())
         torch.testing.assert_close(a.double().cpu(), b, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_layer_under_cpu_bf16_autocast(fused, gen):
+    # trainer=gpu model=tiny_vlm_deformable: under autocast value_proj hands a bfloat16 value
+    # to the op next to float32 sampling locations and weights, which raised a dtype error.
+    torch.manual_seed(0)
+    layer = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3)
+    spatial, starts = level_tensors([(6, 5), (3, 2)])
+    s = int(spatial.prod(1).sum())
+    query = torch.randn(2, 7, 32, generator=gen)
+    ref_points = torch.rand(2, 7, 2, 2, generator=gen)
+    flat = torch.randn(2, s, 32, generator=gen)
+    expected = layer(query, ref_points, flat, spatial, starts)
+    with use_fused(fused), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(query, ref_points, flat, spatial, starts)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+    out.float().square().sum().backward()
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and param.grad.isfinite().all(), name
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_op_under_autocast_accepts_mixed_dtypes(fused, gen):
+    value, spatial, starts, loc, attn = make_inputs(LEVELS["mixed"], dtype=torch.float32, gen=gen)
+    expected = reference.ms_deform_attn(value.bfloat16().float(), spatial, starts, loc, attn)
+    value = value.bfloat16().requires_grad_()
+    loc.requires_grad_()
+    with use_fused(fused), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ms_deform_attn(value, spatial, starts, loc, attn)
+    # float32 math, output in value's dtype (as torchvision's roi_align under autocast).
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+    out.float().sum().backward()
+    assert value.grad.dtype == torch.bfloat16 and loc.grad.dtype == torch.float32
+    # Outside autocast the same mixed dtypes are still an error.
+    with pytest.raises(TypeError, match="same dtype"):
+        ms_deform_attn(value.detach(), spatial, starts, loc.detach(), attn)
+
+
+@requires_native
+def test_raw_op_autocast_kernel(gen):
+    value, spatial, starts, loc, attn = make_inputs(LEVELS["mixed"], dtype=torch.float32, gen=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.ops.trp.ms_deform_attn(value.bfloat16(), spatial, starts, loc, attn)
+    assert out.dtype == torch.bfloat16
+    expected = torch.ops.trp.ms_deform_attn(value.bfloat16().float(), spatial, starts, loc, attn)
+    torch.testing.assert_close(out, expected.bfloat16())

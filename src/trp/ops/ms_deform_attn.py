@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from trp._native import native_available, should_use_fused
 from trp.ops import reference
-from trp.ops._validate import check_floating, check_same, check_tensor
+from trp.ops._validate import (
+    autocast_active,
+    check_floating,
+    check_same,
+    check_tensor,
+    fp32_inputs,
+    reference_autocast,
+)
 
 __all__ = ["MSDeformAttn", "ms_deform_attn"]
 
@@ -29,13 +36,16 @@ def _check_metadata(
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    *,
+    same_dtype: bool = True,
 ) -> None:
+    """Shapes, dtypes and devices (no data read: shared with the fake kernels)."""
     value = check_floating(value, "value")
     for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
         if check_tensor(t, name).dtype != torch.int64:
             raise TypeError(f"{name} must have dtype torch.int64, got {t.dtype}")
-    check_tensor(sampling_locations, "sampling_locations")
-    check_tensor(attention_weights, "attention_weights")
+    check_floating(sampling_locations, "sampling_locations")
+    check_floating(attention_weights, "attention_weights")
     if value.dim() != 4:
         raise ValueError(f"value must be 4-D [N, S, M, D], got shape {list(value.shape)}")
     check_same(
@@ -43,7 +53,8 @@ def _check_metadata(
             "value": value,
             "sampling_locations": sampling_locations,
             "attention_weights": attention_weights,
-        }
+        },
+        dtype=same_dtype,
     )
     check_same(
         {"value": value, "spatial_shapes": spatial_shapes, "level_start_index": level_start_index},
@@ -113,18 +124,32 @@ def ms_deform_attn(
     Returns:
         Tensor[N, Lq, M * D].
 
-    CPU: float32 / float64; CUDA: also float16 / bfloat16 (accumulated in float32).
+    CPU: float32 / float64; CUDA: also float16 / bfloat16 (accumulated in float32). Under
+    autocast the three float inputs may differ in dtype (a bfloat16 ``value`` from an autocast
+    linear, float32 locations): the math runs in float32 and the output takes ``value``'s dtype.
     """
-    _check_metadata(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if not torch.compiler.is_compiling():
-        _check_levels(value, spatial_shapes, level_start_index)
+    autocast = autocast_active(value)
+    _check_metadata(
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        same_dtype=not autocast,
+    )
     if should_use_fused(value):
+        # The level checks read spatial_shapes / level_start_index: the C++ op makes them,
+        # once, so the Python side adds no host sync on CUDA inputs.
         return torch.ops.trp.ms_deform_attn(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
-    return reference.ms_deform_attn(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    )
+    if not torch.compiler.is_compiling():
+        _check_levels(value, spatial_shapes, level_start_index)
+    with reference_autocast(value.device) as active:
+        inputs = (value, sampling_locations, attention_weights)
+        v, loc, attn = fp32_inputs(*inputs) if active else inputs
+        out = reference.ms_deform_attn(v, spatial_shapes, level_start_index, loc, attn)
+    return out.to(value.dtype) if active else out
 
 
 class MSDeformAttn(nn.Module):
