@@ -5,7 +5,7 @@ a target being a latent ``[i]<REF>`` slot or a run of visual reference tokens ``
 see ``docs/grammar.md``.
 """
 
-from trp.grammar.constrained import TRPLogitsProcessor
+from trp.grammar.constrained import ForcedPrefixLogitsProcessor, TRPLogitsProcessor
 from trp.grammar.errors import TRPParseError
 from trp.grammar.format import (
     FormattedAnswer,
@@ -72,6 +72,7 @@ __all__ = [
     "ChatTemplate",
     "Diagnostic",
     "EncodedConversation",
+    "ForcedPrefixLogitsProcessor",
     "FormattedAnswer",
     "IncrementalParser",
     "ParseResult",

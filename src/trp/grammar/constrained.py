@@ -1,70 +1,424 @@
-"""Grammar-constrained decoding: a ``transformers.LogitsProcessor`` for ``model.generate``."""
+"""Grammar-constrained decoding: ``transformers`` logits processors for ``model.generate``.
+
+:class:`TRPLogitsProcessor` masks the scores so every generated answer parses strictly;
+:class:`ForcedPrefixLogitsProcessor` emits a fixed answer prefix per sample first (Kosmos-2's
+referring protocol: ``<Phrase>expression</Phrase>(<Unit>box</Unit>`` is forced, the model only
+localises).
+
+Speed comes from the grammar's structure. A handful of scanner states matter (free text, a
+phrase, the literals of a triplet, a target list); in free text every token without ``<`` is
+allowed and leaves the state unchanged. So per tokenizer we prepare once (:func:`prepare_tokens`,
+cached in memory for as long as the tokenizer lives) the token classes — which tokens are
+ordinary text, which hold ``<``, which are the grammar's tags, which the host's special tokens —
+and a sorted index for "tokens starting with s". Per parser state (:attr:`ScanState.key`) we then
+probe only the few tokens the state can tell apart (those with ``<`` in free text, the prefixes
+of the expected literal elsewhere) with the real scanner, and combine them with the class mask;
+the result is cached per (state, remaining budget) as a short list of allowed or of denied ids.
+A decoding step only feeds each row's new token to its parser value and applies a cached list.
+"""
 
 from __future__ import annotations
 
+import bisect
+import math
 import re
+import weakref
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import LogitsProcessor
 
 from trp.grammar.errors import TRPParseError
-from trp.grammar.incremental import IncrementalParser
-from trp.grammar.scanner import TARGETS, Scanner
+from trp.grammar.literals import ENTRY_UNIT, VRT_PARTIAL
+from trp.grammar.scanner import ScanState, initial_state
 from trp.grammar.tokenizer import TokenVocab, encode_text
-from trp.grammar.tokens import GRAMMAR_TAGS, VPT
+from trp.grammar.tokens import GRAMMAR_TAGS, IMAGE, VPT
 from trp.grammar.units import resolve_units
 
-__all__ = ["TRPLogitsProcessor"]
+__all__ = ["ForcedPrefixLogitsProcessor", "TRPLogitsProcessor", "TokenTable", "prepare_tokens"]
 
 _GRAMMAR_TAG = re.compile(r"<(?:/?(?:Task|Phrase|Unit)>|REF>)")
+_NEG = float("-inf")
 
 
-class _Allowed:
-    """What a scanner state allows next (cached per ``Scanner.state_key``)."""
+# ------------------------------------------------------------------------------------ tokens
+class TokenTable:
+    """Token classes of one vocabulary (built once per tokenizer by :func:`prepare_tokens`).
 
-    __slots__ = ("accepting", "text_next", "text_ok", "vrt_next", "vrt_ok")
+    ``ordinary[i]`` (``Tensor[V] bool``): token ``i`` is plain text the grammar may produce — not a
+    grammar tag, not end-of-sequence, not empty, not a host special/added token (image, video,
+    vision and chat tokens: ``<|image_pad|>``, ``<|im_start|>``, ``<image>`` …), not ``[VPT]``.
+    ``free[i]``: ordinary without ``<`` (allowed and state-preserving in free text and phrases);
+    ``name_free[i]``: ``free`` without a newline or a piece of ``' Unit: '`` (the same in a task
+    line's class name). ``angle`` / ``name_special`` list the ordinary tokens those classes leave
+    out, which a state probes one by one.
+    """
 
     def __init__(
         self,
-        text_ok: torch.Tensor,
-        text_next: torch.Tensor,
-        vrt_ok: bool,
-        vrt_next: int,
+        vocab: TokenVocab,
+        *,
+        eos: Iterable[int],
+        added: Iterable[int] = (),
+        banned: Iterable[int] = (),
+    ) -> None:
+        pieces = vocab.pieces
+        n = len(pieces)
+        self.vocab = vocab
+        self.size = n
+        self.eos = tuple(sorted(set(eos)))
+        tag_ids: dict[str, list[int]] = {t: [] for t in GRAMMAR_TAGS}
+        never = set(added) | set(banned) | set(self.eos)
+        for i, p in enumerate(pieces):
+            if p in tag_ids:
+                tag_ids[p].append(i)
+        self.tag_ids = {t: tuple(ids) for t, ids in tag_ids.items()}
+        self.tags = tuple(i for ids in self.tag_ids.values() for i in ids)
+        never -= set(self.tags)
+        ordinary = []
+        angle, name_special = [], []
+        unit_heads = tuple(ENTRY_UNIT[:k] for k in range(1, len(ENTRY_UNIT)))
+        tags = set(self.tags)
+        for i, p in enumerate(pieces):
+            ok = bool(p) and i not in never and i not in tags and p not in (VPT, IMAGE)
+            ordinary.append(ok)
+            if not ok:
+                continue
+            if "<" in p:
+                angle.append(i)
+            elif "\n" in p or ENTRY_UNIT in p or p.endswith(unit_heads):
+                name_special.append(i)
+        self.ordinary = torch.tensor(ordinary, dtype=torch.bool)
+        self.angle = tuple(angle)
+        self.name_special = tuple(name_special)
+        self.free = self.ordinary.clone()
+        self.free[list(angle)] = False
+        self.name_free = self.free.clone()
+        self.name_free[list(name_special)] = False
+        self.banned = tuple(i for i in range(n) if not ordinary[i] and i not in tags)
+        # Prefix index over ordinary pieces: "tokens starting with s" is one bisect.
+        order = sorted((p, i) for i, p in enumerate(pieces) if ordinary[i])
+        self._sorted = [p for p, _ in order]
+        self._sorted_ids = [i for _, i in order]
+        self._by_piece: dict[str, list[int]] = {}
+        for p, i in order:
+            self._by_piece.setdefault(p, []).append(i)
+        # Tables of each grammar configuration (units, target kinds), filled lazily.
+        self.grammars: dict[tuple[object, ...], _StateTables] = {}
+        self.costs: dict[str, int] = {}
+
+    def starting_with(self, s: str) -> list[int]:
+        """Ordinary token ids whose piece starts with ``s`` (non-empty)."""
+        lo = bisect.bisect_left(self._sorted, s)
+        hi = bisect.bisect_left(self._sorted, s[:-1] + chr(ord(s[-1]) + 1))
+        return self._sorted_ids[lo:hi]
+
+    def equal_to(self, s: str) -> list[int]:
+        """Ordinary token ids whose piece is exactly ``s``."""
+        return self._by_piece.get(s, [])
+
+    def default_of(self, text: str | None) -> torch.Tensor | None:
+        """The state-preserving class of a kind of free text (None: no free text)."""
+        if text in ("body", "phrase"):
+            return self.free
+        if text == "name":
+            return self.name_free
+        return None
+
+
+_TABLES: weakref.WeakKeyDictionary[Any, dict[tuple[object, ...], TokenTable]] = (
+    weakref.WeakKeyDictionary()
+)
+_VOCABS: weakref.WeakKeyDictionary[Any, tuple[int, TokenVocab]] = weakref.WeakKeyDictionary()
+
+
+def _vocab_of(tokenizer: Any) -> TokenVocab:
+    # Building the piece table reads every token (~0.5 s at 150k): once per tokenizer, redone
+    # only when tokens were added since.
+    cached = _VOCABS.get(tokenizer)
+    if cached is not None and cached[0] == len(tokenizer):
+        return cached[1]
+    vocab = TokenVocab.from_tokenizer(tokenizer)
+    _VOCABS[tokenizer] = (len(tokenizer), vocab)
+    return vocab
+
+
+def _added_ids(tokenizer: Any) -> list[int]:
+    """Ids of the tokenizer's added tokens (the host's special, image and chat tokens)."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return [int(i) for i in decoder]
+
+
+def prepare_tokens(
+    tokenizer: Any,
+    *,
+    eos_token_id: int | Sequence[int],
+    vocab: TokenVocab | None = None,
+    banned_ids: Iterable[int] = (),
+) -> TokenTable:
+    """The :class:`TokenTable` of ``tokenizer`` (built once, then cached in memory).
+
+    Every added token of the tokenizer except the TRP grammar tags is never allowed (nor are
+    ``banned_ids``); ``eos_token_id`` only where the answer is complete. The cache is keyed by
+    the tokenizer object (or ``vocab`` when given) and dies with it; the per-state tables the
+    processor computes live in the returned object, so later ``generate`` calls reuse them.
+    """
+    eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+    owner = vocab if vocab is not None else tokenizer
+    vocab = vocab if vocab is not None else _vocab_of(tokenizer)
+    added = tuple(i for i in _added_ids(tokenizer) if i < len(vocab.pieces))
+    key = (len(vocab.pieces), vocab.vrt_base, eos, added, tuple(sorted(set(banned_ids))))
+    per_owner = _TABLES.setdefault(owner, {})
+    table = per_owner.get(key)
+    if table is None:
+        table = per_owner[key] = TokenTable(vocab, eos=eos, added=added, banned=banned_ids)
+    return table
+
+
+# ------------------------------------------------------------------------------------ states
+@dataclass
+class _RowMask:
+    """What one state allows at one budget: a short list of allowed or of denied text ids."""
+
+    deny: bool
+    ids: torch.Tensor  # LongTensor[k]: denied (deny) or allowed (not deny) text-vocabulary ids
+    vrt: bool  # may a VRT come (the row's own patches outside the open run)
+    on_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+
+    def ids_on(self, device: torch.device) -> torch.Tensor:
+        if device.type == "cpu":
+            return self.ids
+        t = self.on_device.get(device)
+        if t is None:
+            t = self.on_device[device] = self.ids.to(device)
+        return t
+
+    @property
+    def empty(self) -> bool:
+        return not self.deny and not self.vrt and self.ids.numel() == 0
+
+
+class _StateEntry:
+    """Per-state table: the class mask that applies (with the cost of finishing after one of
+    its tokens), the probed exceptions with their costs (-1: refused), the VRT cost."""
+
+    __slots__ = ("accepting", "default", "default_cost", "exc_cost", "exc_ids", "masks", "vrt_cost")
+
+    def __init__(
+        self,
+        default: torch.Tensor | None,
+        default_cost: int,
+        exc_ids: list[int],
+        exc_cost: list[int],
+        vrt_cost: int,
         accepting: bool,
     ) -> None:
-        self.text_ok = text_ok  # Tensor[V_text] bool: feeding the token keeps a valid prefix
-        self.text_next = text_next  # Tensor[V_text] long: tokens needed to finish afterwards
-        self.vrt_ok = vrt_ok
-        self.vrt_next = vrt_next
+        self.default = default
+        self.default_cost = default_cost
+        self.exc_ids = torch.tensor(exc_ids, dtype=torch.long)
+        self.exc_cost = torch.tensor(exc_cost, dtype=torch.long)
+        self.vrt_cost = vrt_cost
         self.accepting = accepting
+        self.masks: dict[int, _RowMask] = {}
+
+    @property
+    def max_cost(self) -> int:
+        exc = int(self.exc_cost.max()) if len(self.exc_cost) else -1
+        return max(self.default_cost, self.vrt_cost, exc)
+
+    def mask(self, budget: float, table: TokenTable) -> _RowMask:
+        """The row mask when ``budget`` tokens remain (this one included)."""
+        b = int(min(budget, self.max_cost + 1))
+        rm = self.masks.get(b)
+        if rm is None:
+            rm = self.masks[b] = self._build(b, table)
+        return rm
+
+    def _build(self, b: int, table: TokenTable) -> _RowMask:
+        n = table.size
+        if self.default is not None and 0 <= self.default_cost <= b - 1:
+            allowed = self.default.clone()
+        else:
+            allowed = torch.zeros(n, dtype=torch.bool)
+        if len(self.exc_ids):
+            allowed[self.exc_ids] = False
+            ok = (self.exc_cost >= 0) & (self.exc_cost <= b - 1)
+            allowed[self.exc_ids[ok]] = True
+        if self.accepting:
+            allowed[list(table.eos)] = True
+        vrt = 0 <= self.vrt_cost <= b - 1
+        count = int(allowed.sum())
+        if count > n // 2:
+            return _RowMask(True, (~allowed).nonzero().flatten(), vrt)
+        return _RowMask(False, allowed.nonzero().flatten(), vrt)
+
+
+class _StateTables:
+    """The per-state tables of one grammar configuration, over one :class:`TokenTable`."""
+
+    def __init__(self, table: TokenTable) -> None:
+        self.table = table
+        self.entries: dict[tuple[object, ...], _StateEntry] = {}
+        self.completions: dict[tuple[object, ...], str] = {}
+
+    def entry(self, state: ScanState, tokenizer: Any) -> _StateEntry:
+        key = state.key
+        e = self.entries.get(key)
+        if e is None:
+            e = self.entries[key] = self._compute(state, tokenizer)
+        return e
+
+    def completion(self, state: ScanState) -> str:
+        key = state.key
+        c = self.completions.get(key)
+        if c is None:
+            c = self.completions[key] = state.completion(0)
+        return c
+
+    def cost(self, text: str, tokenizer: Any) -> int:
+        costs = self.table.costs
+        c = costs.get(text)
+        if c is None:
+            c = costs[text] = len(encode_text(tokenizer, text, vrt_base=self.table.vocab.vrt_base))
+        return c
+
+    def probe(self, state: ScanState, piece: str, *, ordinary: bool, tokenizer: Any) -> int:
+        """Tokens needed to finish after ``piece`` (-1 when ``piece`` is not allowed)."""
+        pend = state.pending
+        if ordinary and _GRAMMAR_TAG.search(pend + piece):
+            # Tags are emitted as their own tokens, never spelled out of text pieces, so every
+            # target has exactly one token to read a query from.
+            return -1
+        try:
+            after = state.feed(piece)
+        except TRPParseError:
+            return -1
+        pend = after.pending
+        if "<" in pend:
+            follow = after.follow()
+            # Nor is a VRT spelled out of text pieces: in a target list the pending text must
+            # be the start of a literal the completion can finish.
+            if follow.text is None and not any(c.startswith(pend) for c in follow.literals):
+                return -1
+        comp = self.completion(after)
+        if ordinary and "<" in pend:
+            # Nor may a text piece start a tag that only text pieces could finish.
+            m = _GRAMMAR_TAG.search(pend + comp)
+            if m is not None and m.start() < len(pend):
+                return -1
+        return self.cost(comp, tokenizer)
+
+    def _candidates(self, state: ScanState) -> tuple[torch.Tensor | None, set[int]]:
+        table = self.table
+        f = state.follow()
+        cands: set[int] = set(table.tags)
+        default = table.default_of(f.text)
+        p = f.pending
+        if f.text in ("body", "phrase", "name"):
+            cands.update(table.angle)
+            stops: tuple[str, ...] = GRAMMAR_TAGS
+            if f.text == "name":
+                cands.update(table.name_special)
+                stops = (*stops, ENTRY_UNIT)
+            if p:
+                # Tokens that complete (or continue) the pending partial tag behave differently
+                # from the class: probe them too.
+                for s in stops:
+                    if s.startswith(p) and len(s) > len(p):
+                        rest = s[len(p) :]
+                        cands.update(table.starting_with(rest))
+                        for k in range(1, len(rest)):
+                            cands.update(table.equal_to(rest[:k]))
+                if VRT_PARTIAL.fullmatch(p):
+                    for ch in "0123456789|>":
+                        cands.update(table.starting_with(ch))
+        elif f.text == "count":
+            for ch in "0123456789\n":
+                cands.update(table.starting_with(ch))
+        for lit in f.literals:
+            if not lit.startswith(p):
+                continue
+            rest = lit[len(p) :]
+            m = _GRAMMAR_TAG.search(rest)
+            head = rest if m is None else rest[: m.start()]
+            for k in range(1, len(head) + 1):
+                cands.update(table.equal_to(head[:k]))
+            if m is None and rest:
+                # A text literal may be followed by more text in one token (")." or "\nThe").
+                cands.update(table.starting_with(rest))
+        return default, cands
+
+    def _compute(self, state: ScanState, tokenizer: Any) -> _StateEntry:
+        table = self.table
+        pieces = table.vocab.pieces
+        tags = set(table.tags)
+        default, cands = self._candidates(state)
+        ids = sorted(cands)
+        costs = [
+            self.probe(state, pieces[i], ordinary=i not in tags, tokenizer=tokenizer) for i in ids
+        ]
+        default_cost = -1
+        if default is not None:
+            rest = default.clone()
+            if ids:
+                rest[ids] = False
+            nz = rest.nonzero()
+            if len(nz):
+                # Every token of the class leaves the same kind of state; one stands for all.
+                rep = int(nz[0, 0])
+                default_cost = self.probe(state, pieces[rep], ordinary=True, tokenizer=tokenizer)
+                if default_cost >= 0 and state.follow().text == "name":
+                    # A class name is spelled once more in its triplet: a longer name may cost a
+                    # token more there (the forced completion is the safety net beyond that).
+                    default_cost += 1
+        vrt_cost = -1
+        f = state.follow()
+        if f.vrt:
+            fresh = max(f.run, default=-1) + 1
+            vrt_cost = self.probe(state, f"<|VRT_{fresh}|>", ordinary=False, tokenizer=tokenizer)
+        return _StateEntry(default, default_cost, ids, costs, vrt_cost, f.accepting)
+
+
+# ------------------------------------------------------------------------------------ rows
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """One generation row: its parser value (None once it ended) and tokens still forced."""
+
+    state: ScanState | None
+    forced: tuple[int, ...] = ()
 
 
 class TRPLogitsProcessor(LogitsProcessor):
     """Mask logits so generated answers always parse in strict mode.
 
-    A token-level state machine: each batch row runs an :class:`IncrementalParser` over its
-    generated tokens; the allowed next tokens of a parser state are those whose text keeps the
-    answer a valid prefix (computed once per state and cached). Free text is unconstrained except
-    that it cannot hold VRTs or stray tags; ``<Unit>`` names are limited to ``units``; VRT ids
-    (``vocab.vrt_base + k``) are limited to the row's own patches (``vrt_mask``) and cannot repeat
-    within a run; end-of-sequence is allowed only where the answer is complete.
+    Each batch row runs a strict parser over its generated tokens; a token is allowed when the
+    answer stays a valid prefix. Free text is free except that it holds no VRTs and no stray or
+    spelled-out tags (tags are their own tokens); ``<Unit>`` names are limited to ``units``; VRT
+    ids (``vocab.vrt_base + k``) to the row's own patches (``vrt_mask``), without repeats within
+    a run; the host tokenizer's own added tokens (image, video, vision, chat, ``[VPT]`` …) are
+    never allowed; end-of-sequence only where the answer is complete.
 
-    With ``max_new_tokens`` the processor also keeps room to finish: a token is allowed only if
-    the shortest way to complete the answer after it still fits, so generation that stops on the
-    length limit parses too. Create one processor per ``generate`` call.
+    With ``max_new_tokens`` a token is allowed only if the shortest way to complete the answer
+    after it still fits, so generation that stops on the length limit parses too.
+
+    Works under every ``generate`` mode (greedy, sampling, beams, ``num_return_sequences``, left
+    padding): rows are matched to their parser by their generated tokens, and rows map to
+    samples as ``row // (rows // B)``. Create one processor per ``generate`` call; the
+    per-tokenizer preparation (:func:`prepare_tokens`) and the per-state tables are cached across
+    calls, so that is cheap after the first.
 
     Args:
-        tokenizer: the Hugging Face tokenizer (with TRP tokens), used to encode completions.
+        tokenizer: the Hugging Face tokenizer (with TRP tokens), used to price completions.
         eos_token_id: id(s) that end a sequence.
         vrt_mask: ``Tensor[B, num_vrt]`` bool, patches each sample may point at (``None``: no
-            VRTs). Rows of the generation batch map to samples as ``row // (rows // B)``
-            (``num_return_sequences`` / beams are consecutive).
-        vocab: token texts (default: built from ``tokenizer``); fixes ``vrt_base``.
+            VRTs).
+        vocab: token texts (default: built from ``tokenizer``, cached); fixes ``vrt_base``.
         units: allowed units (default: the registry).
         max_new_tokens: the ``generate`` budget (None: no length guarantee).
         allow_ref / allow_vrt: which target kinds may be generated.
+        banned_ids: more token ids never to allow (the tokenizer's added tokens already are).
     """
 
     def __init__(
@@ -78,12 +432,14 @@ class TRPLogitsProcessor(LogitsProcessor):
         max_new_tokens: int | None = None,
         allow_ref: bool = True,
         allow_vrt: bool = True,
+        banned_ids: Iterable[int] = (),
     ) -> None:
         self.tokenizer = tokenizer
-        self.vocab = vocab or TokenVocab.from_tokenizer(tokenizer)
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if not eos or not all(isinstance(e, int) and 0 <= e < len(self.vocab.pieces) for e in eos):
+        vocab = vocab or _vocab_of(tokenizer)
+        if not eos or not all(isinstance(e, int) and 0 <= e < len(vocab.pieces) for e in eos):
             raise ValueError(f"eos_token_id must be text-vocabulary id(s), got {eos_token_id!r}")
+        self.vocab = vocab
         self.eos = eos
         if vrt_mask is not None:
             if not isinstance(vrt_mask, torch.Tensor) or vrt_mask.dim() != 2:
@@ -104,119 +460,74 @@ class TRPLogitsProcessor(LogitsProcessor):
             )
         self.allow_ref = allow_ref
         self.allow_vrt = allow_vrt
-        n = len(self.vocab.pieces)
-        vpt = [i for i in range(n) if self.vocab.pieces[i] == VPT]
-        ignore = set(self.eos) | set(vpt) | {i for i in range(n) if not self.vocab.pieces[i]}
-        # Empty pieces make no progress (they would let a row idle forever) and [VPT] is an
-        # input-side placeholder: never allowed.
-        self._scan_ids = [i for i in range(n) if i not in ignore]
-        self._scan_index = torch.tensor(self._scan_ids, dtype=torch.long)
-        self._tag_ids = {i for i in range(n) if self.vocab.pieces[i] in GRAMMAR_TAGS}
-        self._cache: dict[tuple[object, ...], _Allowed] = {}
-        self._comp: dict[tuple[object, ...], str] = {}
-        self._encoded: dict[str, list[int]] = {}
-        self._prompt_len: int | None = None
-        self._rows: dict[tuple[int, ...], tuple[IncrementalParser, list[int]]] = {}
-
-    # ------------------------------------------------------------------ per-state tables
-    def _encode(self, text: str) -> list[int]:
-        ids = self._encoded.get(text)
-        if ids is None:
-            ids = encode_text(self.tokenizer, text, vrt_base=self.vocab.vrt_base)
-            self._encoded[text] = ids
-        return ids
-
-    def _completion(self, scanner: Scanner) -> str:
-        key = (scanner.allow_vrt, *scanner.state_key())
-        comp = self._comp.get(key)
-        if comp is None:
-            comp = self._comp[key] = scanner.completion(0)
-        return comp
-
-    def _probe(self, scanner: Scanner, piece: str, *, ordinary: bool) -> int:
-        """Tokens needed to finish after ``piece`` (-1 when ``piece`` is not allowed)."""
-        if ordinary and _GRAMMAR_TAG.search(scanner.text[scanner.pos :] + piece):
-            # Tags are emitted as their own tokens, never spelled out of text pieces, so every
-            # target has exactly one token to read a query from.
-            return -1
-        cp = scanner.checkpoint()
-        try:
-            scanner.feed(piece)
-            pend = scanner.text[scanner.pos :]
-            # Spelling a VRT out of ordinary tokens inside a target list is refused too, so a
-            # pending target is always a prefix of a literal the completion can finish.
-            if (
-                scanner.mode == TARGETS
-                and "<" in pend
-                and not any(c.startswith(pend) for c in scanner.target_choices()[0])
-            ):
-                return -1
-            comp = self._completion(scanner)
-            if ordinary and "<" in pend:
-                # Nor may a text piece start a tag that only text pieces could finish.
-                m = _GRAMMAR_TAG.search(pend + comp)
-                if m is not None and m.start() < len(pend):
-                    return -1
-            return len(self._encode(comp))
-        except TRPParseError:
-            return -1
-        finally:
-            scanner.rollback(cp)
-
-    def _allowed(self, scanner: Scanner) -> _Allowed:
-        key = (scanner.allow_vrt, *scanner.state_key())
-        entry = self._cache.get(key)
-        if entry is None:
-            pieces = self.vocab.pieces
-            tags = self._tag_ids
-            nxt = torch.tensor(
-                [self._probe(scanner, pieces[i], ordinary=i not in tags) for i in self._scan_ids],
-                dtype=torch.long,
+        self.table = prepare_tokens(tokenizer, eos_token_id=eos, vocab=vocab, banned_ids=banned_ids)
+        grammar_key = (self.units, allow_ref)
+        tables = self.table.grammars.get(grammar_key)
+        if tables is None:
+            tables = self.table.grammars[grammar_key] = _StateTables(self.table)
+        self.tables = tables
+        self._initial = {
+            has_vrt: initial_state(
+                strict=True,
+                units=self.units,
+                latin1=True,
+                allow_ref=allow_ref,
+                allow_vrt=has_vrt,
             )
-            vrt_next = -1
-            if scanner.allow_vrt:
-                fresh = max(scanner.run_ids, default=-1) + 1
-                vrt_next = self._probe(scanner, f"<|VRT_{fresh}|>", ordinary=False)
-            entry = _Allowed(nxt >= 0, nxt, vrt_next >= 0, vrt_next, scanner.accepting)
-            self._cache[key] = entry
-        return entry
+            for has_vrt in (False, True)
+        }
+        self._sample_vrt = (
+            [] if vrt_mask is None else [allow_vrt and bool(r.any()) for r in vrt_mask]
+        )
+        self._prompt_len: int | None = None
+        self._rows: dict[tuple[int, ...], _Row] = {}
+        self._vrt_on: dict[torch.device, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ warm-up
+    def warm(self, answers: Iterable[str]) -> int:
+        """Compute the tables of every state these answers pass through (one-time preparation,
+        kept across calls); returns how many states are cached now."""
+        for has_vrt, state in self._initial.items():
+            for text in answers:
+                ids = encode_text(self.tokenizer, text, vrt_base=self.vocab.vrt_base)
+                s = state
+                try:
+                    for i in ids:
+                        self.tables.entry(s, self.tokenizer)
+                        s = s.feed(self.vocab.piece(i))
+                    self.tables.entry(s, self.tokenizer)
+                except TRPParseError:
+                    if has_vrt or "<|VRT_" not in text:
+                        raise
+        return len(self.tables.entries)
 
     # ------------------------------------------------------------------ rows
-    def _new_parser(self, sample: int) -> IncrementalParser:
-        has_vrt = self.allow_vrt and self.vrt_mask is not None and bool(self.vrt_mask[sample].any())
-        return IncrementalParser(
-            strict=True,
-            units=self.units,
-            vocab=self.vocab,
-            allow_ref=self.allow_ref,
-            allow_vrt=has_vrt,
-        )
+    def _has_vrt(self, sample: int) -> bool:
+        return bool(self._sample_vrt) and self._sample_vrt[sample]
 
-    def _fill(self, sample: int) -> int:
-        if self.vrt_mask is None or not bool(self.vrt_mask[sample].any()):
-            return 0
-        return int(self.vrt_mask[sample].nonzero()[0, 0])
+    def _advance(self, row: _Row, token: int) -> _Row:
+        if row.state is None:
+            return row
+        if token in self.eos:
+            return _Row(None)
+        forced = row.forced[1:] if row.forced and row.forced[0] == token else ()
+        try:
+            state = row.state.feed(self.vocab.piece(token))
+        except TRPParseError as err:
+            raise RuntimeError(
+                f"generated token {token} broke the grammar ({err}); is another processor "
+                "overriding TRPLogitsProcessor?"
+            ) from err
+        return _Row(state, forced)
 
-    def _row_state(self, gen: tuple[int, ...], sample: int) -> tuple[IncrementalParser, list[int]]:
-        prev = self._rows.get(gen[:-1]) if gen else None
-        if prev is not None:
-            parser, forced = prev[0].copy(), list(prev[1])
-            todo = gen[-1:]
-        else:
-            parser, forced, todo = self._new_parser(sample), [], gen
-        for t in todo:
-            if forced and forced[0] == t:
-                forced.pop(0)
-            else:
-                forced = []
-            try:
-                parser.feed_token(t)
-            except TRPParseError as err:
-                raise RuntimeError(
-                    f"generated token {t} broke the grammar ({err}); is another processor "
-                    "overriding TRPLogitsProcessor?"
-                ) from err
-        return parser, forced
+    def _row(self, gen: tuple[int, ...], sample: int) -> _Row:
+        parent = self._rows.get(gen[:-1]) if gen else None
+        if parent is not None:
+            return self._advance(parent, gen[-1])
+        row = _Row(self._initial[self._has_vrt(sample)])
+        for t in gen:
+            row = self._advance(row, t)
+        return row
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows, length = input_ids.shape
@@ -226,6 +537,7 @@ class TRPLogitsProcessor(LogitsProcessor):
             raise RuntimeError("TRPLogitsProcessor is bound to one generate call; create a new one")
         vocab_size = scores.shape[1]
         base = self.vocab.vrt_base
+        n = self.table.size
         num_vrt = 0 if self.vrt_mask is None else self.vrt_mask.shape[1]
         if vocab_size < base + num_vrt:
             raise ValueError(f"scores have {vocab_size} columns, VRTs need {base + num_vrt}")
@@ -234,46 +546,125 @@ class TRPLogitsProcessor(LogitsProcessor):
             if rows % self.vrt_mask.shape[0]:
                 raise ValueError(f"{rows} rows do not divide into {self.vrt_mask.shape[0]} samples")
             per_sample = rows // self.vrt_mask.shape[0]
-        budget = None
+        budget = math.inf
         if self.max_new_tokens is not None:
             budget = self.max_new_tokens - (length - self._prompt_len)
-        eos = set(self.eos)
         generated = input_ids[:, self._prompt_len :].tolist()
-        rows_now: dict[tuple[int, ...], tuple[IncrementalParser, list[int]]] = {}
-        allowed = torch.zeros(rows, vocab_size, dtype=torch.bool)
-        for r, gen in enumerate(generated):
-            if eos.intersection(gen):
-                allowed[r] = True  # finished rows are padded by generate; leave them alone
-                continue
+        out = scores.clone()
+        device = scores.device
+        now: dict[tuple[int, ...], _Row] = {}
+        for r, g in enumerate(generated):
+            key = tuple(g)
             sample = r // per_sample
-            key = tuple(gen)
-            state = rows_now.get(key) or self._row_state(key, sample)
-            rows_now[key] = state
-            parser, forced = state
-            if not forced:
-                self._allow_row(allowed[r], parser, sample, budget)
-                if not allowed[r].any():
+            row = now.get(key) or self._row(key, sample)
+            now[key] = row
+            if row.state is None:
+                continue  # finished rows are padded by generate; leave them alone
+            line = out[r]
+            if not row.forced:
+                rm = self.tables.entry(row.state, self.tokenizer).mask(budget, self.table)
+                if rm.empty:
                     # Re-tokenising the completion cost more than planned: force it verbatim.
-                    forced[:] = self._encode(parser.scanner.completion(self._fill(sample)))
-            if forced:
-                allowed[r, forced[0]] = True
-        self._rows = rows_now
-        return scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+                    comp = row.state.completion(self._fill(sample))
+                    row = now[key] = _Row(row.state, tuple(self._encode(comp)))
+            if row.forced:
+                t = row.forced[0]
+                line.fill_(_NEG)
+                line[t] = scores[r, t]
+                continue
+            if rm.deny:
+                line[:n].index_fill_(0, rm.ids_on(device), _NEG)
+            else:
+                ids = rm.ids_on(device)
+                line[:n].fill_(_NEG)
+                line[ids] = scores[r, ids]
+            line[n:base].fill_(_NEG)
+            line[base + num_vrt :].fill_(_NEG)
+            if num_vrt:
+                seg = line[base : base + num_vrt]
+                if rm.vrt and self._has_vrt(sample):
+                    seg.masked_fill_(~self._patches(sample, row.state, device), _NEG)
+                else:
+                    seg.fill_(_NEG)
+        self._rows = now
+        return out
 
-    def _allow_row(
-        self, row: torch.Tensor, parser: IncrementalParser, sample: int, budget: int | None
-    ) -> None:
-        scanner = parser.scanner
-        entry = self._allowed(scanner)
-        ok = entry.text_ok
-        if budget is not None:
-            ok = ok & (entry.text_next <= budget - 1)
-        row[self._scan_index[ok]] = True
-        if entry.vrt_ok and (budget is None or entry.vrt_next <= budget - 1):
-            base = self.vocab.vrt_base
+    def _patches(self, sample: int, state: ScanState, device: torch.device) -> torch.Tensor:
+        """``Tensor[num_vrt] bool``: the sample's own patches not already in the open run."""
+        own = self._vrt_on.get(device)
+        if own is None:
             assert self.vrt_mask is not None
-            patches = self.vrt_mask[sample].clone()
-            patches[[k for k in scanner.run_ids if k < patches.numel()]] = False
-            row[base : base + patches.numel()] = patches
-        if entry.accepting:
-            row[self.eos] = True
+            own = self._vrt_on[device] = self.vrt_mask.to(device)
+        run = [k for k in state.triplet.run if k < own.shape[1]]
+        if not run:
+            return own[sample]
+        patches = own[sample].clone()
+        patches[run] = False
+        return patches
+
+    def _fill(self, sample: int) -> int:
+        if self.vrt_mask is None or not bool(self.vrt_mask[sample].any()):
+            return 0
+        return int(self.vrt_mask[sample].nonzero()[0, 0])
+
+    def _encode(self, text: str) -> list[int]:
+        return encode_text(self.tokenizer, text, vrt_base=self.vocab.vrt_base)
+
+
+# ------------------------------------------------------------------------------------ prefix
+class ForcedPrefixLogitsProcessor(LogitsProcessor):
+    """Emit a fixed token prefix per sample before the model decodes freely.
+
+    The Kosmos-2 referring protocol forces ``<Phrase>expression</Phrase>(<Unit>box</Unit>`` so
+    the model only localises the given expression. While sample ``b``'s prefix lasts, its rows
+    may produce only the next prefix token (its score is set to 0, every other to -inf, so
+    greedy, sampling and beams all take it); afterwards scores pass through unchanged.
+
+    Put it *after* :class:`TRPLogitsProcessor` in the ``logits_processor`` list; the prefixes must
+    be valid answer prefixes under the grammar (the grammar processor then reads them like any
+    generated token, and raises if they are not).
+
+    Args:
+        prefixes: one token-id list per sample (may be empty). Generation rows map to samples as
+            ``row // (rows // len(prefixes))`` (``num_beams`` / ``num_return_sequences`` rows of a
+            sample are consecutive, as ``generate`` lays them out).
+        prompt_len: the prompt length (``input_ids.shape[1]`` passed to ``generate``); default:
+            the length at the first call.
+    """
+
+    def __init__(self, prefixes: Sequence[Sequence[int]], prompt_len: int | None = None) -> None:
+        if isinstance(prefixes, torch.Tensor):
+            prefixes = prefixes.tolist()
+        self.prefixes = [[int(t) for t in p] for p in prefixes]
+        if not self.prefixes:
+            raise ValueError("prefixes needs one token list per sample")
+        if any(t < 0 for p in self.prefixes for t in p):
+            raise ValueError("prefix token ids must be >= 0")
+        if prompt_len is not None and (not isinstance(prompt_len, int) or prompt_len < 0):
+            raise ValueError(f"prompt_len must be an int >= 0, got {prompt_len!r}")
+        self.prompt_len = prompt_len
+        self.longest = max(map(len, self.prefixes))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows, length = input_ids.shape
+        if self.prompt_len is None:
+            self.prompt_len = length
+        step = length - self.prompt_len
+        if step < 0:
+            raise RuntimeError("input_ids are shorter than the prompt; one processor per call")
+        if step >= self.longest:
+            return scores
+        if rows % len(self.prefixes):
+            raise ValueError(f"{rows} rows do not divide into {len(self.prefixes)} samples")
+        per = rows // len(self.prefixes)
+        out = scores.clone()
+        for b, prefix in enumerate(self.prefixes):
+            if step >= len(prefix):
+                continue
+            t = prefix[step]
+            if t >= scores.shape[1]:
+                raise ValueError(f"prefix token {t} is outside the scores' {scores.shape[1]} ids")
+            block = out[b * per : (b + 1) * per]
+            block.fill_(_NEG)
+            block[:, t] = 0.0
+        return out

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from trp.grammar.errors import TRPParseError
 from trp.grammar.parse import _check_legacy_unit, token_positions
-from trp.grammar.scanner import Scanner
+from trp.grammar.scanner import ScanState, initial_state
 from trp.grammar.tokenizer import TokenVocab
 from trp.grammar.types import ParseResult, Triplet
 from trp.grammar.units import resolve_units
@@ -40,7 +40,7 @@ class IncrementalParser:
         if not (allow_ref or allow_vrt):
             raise ValueError("at least one of allow_ref / allow_vrt must be True")
         self.vocab = vocab
-        self.scanner = Scanner(
+        self.state: ScanState = initial_state(
             strict=bool(strict),
             units=resolve_units(units),
             legacy_unit=_check_legacy_unit(legacy_unit),
@@ -61,7 +61,7 @@ class IncrementalParser:
     def _feed(self, chunk: str) -> None:
         self._check()
         try:
-            self.scanner.feed(chunk)
+            self.state = self.state.feed(chunk)
         except TRPParseError as err:
             self.error = err
             if self.vocab is not None:
@@ -77,7 +77,7 @@ class IncrementalParser:
         """An independent parser in the same state (for beam search and probing)."""
         new = IncrementalParser.__new__(IncrementalParser)
         new.vocab = self.vocab
-        new.scanner = self.scanner.copy()
+        new.state = self.state  # an immutable value: sharing it is copying it
         new.starts = list(self.starts)
         new.error = self.error
         new.done = self.done
@@ -96,7 +96,7 @@ class IncrementalParser:
         if self.vocab is None:
             raise TypeError("this parser reads text; pass vocab= to read token ids")
         piece = self.vocab.piece(int(token_id))
-        self.starts.append(len(self.scanner.text))
+        self.starts.append(len(self.state.text))
         self._feed(piece)
 
     def feed_ids(self, ids: Iterable[int]) -> None:
@@ -107,16 +107,16 @@ class IncrementalParser:
     @property
     def triplets(self) -> tuple[Triplet, ...]:
         """The triplets completed so far."""
-        return tuple(self.scanner.triplets)
+        return self.state.out.triplets
 
     @property
     def accepting(self) -> bool:
         """Whether the text so far is a complete valid (strict) answer."""
-        return self.error is None and self.scanner.accepting
+        return self.error is None and self.state.accepting
 
-    def _result(self, scanner: Scanner) -> ParseResult:
+    def _result(self) -> ParseResult:
         try:
-            scanner.finish()
+            final = self.state.finish()
         except TRPParseError as err:
             if self.vocab is None:
                 raise
@@ -125,16 +125,16 @@ class IncrementalParser:
             ) from None
         positions = None
         if self.vocab is not None:
-            positions = token_positions(tuple(scanner.offsets), self.starts)
-        return scanner.result(positions)
+            positions = token_positions(final.out.offsets, self.starts)
+        return final.result(positions)
 
     def snapshot(self) -> ParseResult:
         """Parse of the text so far as if it ended here; the parser can keep going."""
         self._check()
-        return self._result(self.scanner.copy())
+        return self._result()
 
     def finish(self) -> ParseResult:
         """Parse of the whole text; the parser cannot be fed afterwards."""
         self._check()
         self.done = True
-        return self._result(self.scanner)
+        return self._result()

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from trp.grammar.errors import TRPParseError
-from trp.grammar.scanner import Scanner
+from trp.grammar.scanner import initial_state
 from trp.grammar.types import ParseResult
 from trp.grammar.units import resolve_units
 
@@ -45,12 +45,10 @@ def parse(
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    scanner = Scanner(
+    state = initial_state(
         strict=bool(strict), units=resolve_units(units), legacy_unit=_check_legacy_unit(legacy_unit)
     )
-    scanner.feed(text)
-    scanner.finish()
-    return scanner.result(None)
+    return state.feed(text).finish().result(None)
 
 
 def token_positions(
@@ -83,17 +81,16 @@ def parse_ids(
             raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")  # type: ignore[union-attr]
         ids = ids.tolist()  # type: ignore[union-attr]
     text, starts = vocab.render(ids)
-    scanner = Scanner(
+    state = initial_state(
         strict=bool(strict),
         units=resolve_units(units),
         legacy_unit=_check_legacy_unit(legacy_unit),
         latin1=True,
     )
     try:
-        scanner.feed(text)
-        scanner.finish()
+        state = state.feed(text).finish()
     except TRPParseError as err:
         raise TRPParseError(
             err.offset, err.expected, err.found, max(bisect_right(starts, err.offset) - 1, 0)
         ) from None
-    return scanner.result(token_positions(tuple(scanner.offsets), starts))
+    return state.result(token_positions(state.out.offsets, starts))
