@@ -193,3 +193,49 @@ def test_bad_inputs(raw):
         loss_of(args, reduction="avg")
     with pytest.raises(ValueError, match="go together"):
         vrt_linear_cross_entropy(*args[:6], exclude_ids=args[7])
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk_size", [4, 1 << 21])  # many chunks / token blocks of 2
+def test_half_inputs_accumulate_in_float32(dtype, chunk_size):
+    # Peaked logits: most tokens' loss is ~0. A half-precision logits buffer rounds their
+    # logsumexp by up to 2^-9 of ~50 while the label logit is an exact dot product, so the loss
+    # came out negative; half gradient sums over the token blocks drifted likewise.
+    args = list(make(torch.float64, tokens=40, exclusions=False))
+    args[0] = args[0] * 3.0
+    args[1] = args[1] * 3.0
+    args = [t.to(dtype) if t.is_floating_point() else t for t in args]
+    exact = [t.double().requires_grad_() if t.is_floating_point() else t for t in args]
+    half = [t.clone().requires_grad_() if t.is_floating_point() else t for t in args]
+    raw = torch.ops.trp.vrt_linear_cross_entropy(*half, -100, chunk_size)
+    assert raw[0].dtype == raw[1].dtype == torch.float32
+    ref = reference.vrt_linear_cross_entropy(*exact)
+    active = args[5] != -100
+    assert bool((raw[0][active] >= 0).all()), raw[0].min()
+    torch.testing.assert_close(raw[0].double(), ref.detach(), rtol=1e-5, atol=1e-4)
+    weights = torch.rand(ref.shape[0], dtype=torch.float64)
+    (ref * weights).sum().backward()
+    (raw[0] * weights.float()).sum().backward()
+    for got, want in zip(half[:3], exact[:3]):
+        assert got.grad.dtype == dtype
+        # Only the final rounding to the input dtype is left.
+        scale = want.grad.abs().max()
+        err = ((got.grad.double() - want.grad).abs().max() / scale).item()
+        assert err < torch.finfo(dtype).eps, err
+    # The Python API returns the input dtype outside autocast and float32 under it.
+    assert loss_of(args).dtype == dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert loss_of(args).dtype == torch.float32
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_autocast_mixed_dtypes(fused):
+    # Under autocast the LM hands bfloat16 hidden states next to the float32 LM-head weight.
+    args = list(make(torch.float32))
+    expected = loss_of([args[0].bfloat16().float(), *args[1:]])
+    args[0] = args[0].bfloat16()
+    with use_fused(fused), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_of(args)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,15 @@ from torch import Tensor, nn
 
 from trp._native import native_available, should_use_fused
 from trp.ops import reference
-from trp.ops._validate import check_floating, check_offsets, check_same, check_tensor
+from trp.ops._validate import (
+    autocast_active,
+    check_floating,
+    check_offsets,
+    check_same,
+    check_tensor,
+    fp32_inputs,
+    reference_autocast,
+)
 
 __all__ = ["VRTLinearCrossEntropy", "vrt_linear_cross_entropy"]
 
@@ -34,7 +42,7 @@ def _check_long(t: object, name: str, shape: tuple[int, ...] | None = None) -> T
     return t
 
 
-def _validate(
+def _check_metadata(
     hidden: Tensor,
     text_weight: Tensor,
     prototypes: Tensor,
@@ -56,7 +64,11 @@ def _validate(
         raise ValueError(f"text_weight must have shape [V, {dim}], got {list(text_weight.shape)}")
     if prototypes.dim() != 2 or prototypes.shape[1] != dim:
         raise ValueError(f"prototypes must have shape [P, {dim}], got {list(prototypes.shape)}")
-    check_same({"hidden": hidden, "text_weight": text_weight, "prototypes": prototypes})
+    # Under autocast the three are cast to float32 (Autocast kernel), so they may differ.
+    check_same(
+        {"hidden": hidden, "text_weight": text_weight, "prototypes": prototypes},
+        dtype=not autocast_active(hidden),
+    )
     _check_long(sample_index, "sample_index", (tokens,))
     _check_long(labels, "labels", (tokens,))
     _check_long(exclude_ids, "exclude_ids")
@@ -67,9 +79,7 @@ def _validate(
         raise ValueError(
             f"proto_offsets must have shape [B + 1], B >= 1, got {list(proto_offsets.shape)}"
         )
-    samples = proto_offsets.shape[0] - 1
-    check_offsets(proto_offsets, samples, prototypes.shape[0], "proto_offsets")
-    check_offsets(exclude_offsets, tokens, exclude_ids.shape[0], "exclude_offsets")
+    _check_long(exclude_offsets, "exclude_offsets", (tokens + 1,))
     check_same(
         {
             "hidden": hidden,
@@ -85,6 +95,26 @@ def _validate(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def _check_data(
+    hidden: Tensor,
+    text_weight: Tensor,
+    prototypes: Tensor,
+    sample_index: Tensor,
+    proto_offsets: Tensor,
+    labels: Tensor,
+    exclude_offsets: Tensor,
+    exclude_ids: Tensor,
+    ignore_index: int,
+    chunk_size: int,
+) -> None:
+    """The checks that read index values, for the reference path: the C++ op makes the same
+    checks itself, so the fused path reads nothing on the host from Python (no extra sync)."""
+    tokens = hidden.shape[0]
+    samples = proto_offsets.shape[0] - 1
+    check_offsets(proto_offsets, samples, prototypes.shape[0], "proto_offsets")
+    check_offsets(exclude_offsets, tokens, exclude_ids.shape[0], "exclude_offsets")
     if tokens == 0:
         return
     if int(sample_index.min()) < 0 or int(sample_index.max()) >= samples:
@@ -159,17 +189,22 @@ def vrt_linear_cross_entropy(
         ignore_index,
         chunk_size,
     )
-    _validate(*args)
+    _check_metadata(*args)
+    # float32 under autocast (a loss); otherwise hidden's dtype, reduced from float32.
+    out_dtype = torch.float32 if autocast_active(hidden) else hidden.dtype
     if should_use_fused(hidden):
-        loss = torch.ops.trp.vrt_linear_cross_entropy(*args)[0]
+        loss = torch.ops.trp.vrt_linear_cross_entropy(*args)[0]  # float32 for half inputs
     else:
-        loss = reference.vrt_linear_cross_entropy(*args[:-1])
+        _check_data(*args)
+        with reference_autocast(hidden.device) as active:
+            floats = fp32_inputs(*args[:3]) if active else args[:3]
+            loss = reference.vrt_linear_cross_entropy(*floats, *args[3:-1])
     if reduction == "none":
-        return loss
+        return loss.to(out_dtype)
     if reduction == "sum":
-        return loss.sum()
+        return loss.sum().to(out_dtype)
     count = (labels != ignore_index).sum().clamp(min=1)
-    return loss.sum() / count.to(loss.dtype)
+    return (loss.sum() / count.to(loss.dtype)).to(out_dtype)
 
 
 class VRTLinearCrossEntropy(nn.Module):
@@ -234,9 +269,21 @@ def _register() -> None:
         ignore_index,
         chunk_size,
     ):
+        _check_metadata(
+            hidden,
+            text_weight,
+            prototypes,
+            sample_index,
+            proto_offsets,
+            labels,
+            ex_off,
+            ex_ids,
+            ignore_index,
+            chunk_size,
+        )
         tokens = hidden.shape[0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        return hidden.new_empty((tokens,)), hidden.new_empty((tokens,), dtype=acc)
+        return hidden.new_empty((tokens,), dtype=acc), hidden.new_empty((tokens,), dtype=acc)
 
     @torch.library.register_fake("trp::vrt_linear_cross_entropy_backward")
     def _(

@@ -11,9 +11,17 @@
 // runs over that buffer (an online log-sum-exp in the forward; softmax minus one-hot in the
 // backward, whose chunk products accumulate grad_h and write disjoint rows of grad_W / grad_P,
 // so no atomics are needed). Only the buffer ever exists, never the full logits.
+//
+// Precision: the buffer, the log-sum-exp, the label logits, the loss and every gradient
+// accumulation are in the accumulation type (float32 for half/bfloat16 inputs). A bfloat16
+// buffer rounds each logit by up to 2^-9 of its size, so lse (from rounded logits) and the label
+// logit (an exact dot product) disagree and the loss can come out negative; bfloat16 gradient
+// sums over token blocks drift the same way. Gradients are cast to the inputs' dtype at the end.
 #pragma once
 
 #include <cmath>
+
+#include <torch/version.h>
 
 #include "common.h"
 
@@ -43,25 +51,51 @@ C10_HOST_DEVICE inline T neg_inf() {
   return static_cast<T>(-INFINITY);
 }
 
+// Running (max, scaled sum) of a log-sum-exp, mergeable: the CUDA launcher reduces one buffer
+// row per block, each thread folding a strided slice, then merges the threads' states.
+template <typename acc_t>
+struct LseState {
+  acc_t m;
+  acc_t s;
+
+  C10_HOST_DEVICE static LseState empty() { return {neg_inf<acc_t>(), acc_t(0)}; }
+
+  C10_HOST_DEVICE void add(acc_t x) {
+    if (x > m) {
+      s = s * exp_(m - x) + acc_t(1);  // exp(-inf) = 0 drops the empty state
+      m = x;
+    } else if (x != neg_inf<acc_t>()) {  // an excluded (-inf) entry adds 0; skipping it avoids
+      s += exp_(x - m);                  // exp(-inf + inf) = NaN while m is still -inf
+    }
+  }
+
+  C10_HOST_DEVICE void merge(acc_t om, acc_t os) {
+    if (os == acc_t(0)) {
+      return;
+    }
+    if (s == acc_t(0)) {
+      m = om;
+      s = os;
+      return;
+    }
+    const acc_t nm = m > om ? m : om;
+    s = s * exp_(m - nm) + os * exp_(om - nm);
+    m = nm;
+  }
+};
+
 // Folds one buffer row of n logits into the running (max m, scaled sum s): after all chunks,
 // lse = m + log(s). Excluded entries are −inf and contribute exp(−inf) = 0.
 template <typename acc_t, typename scalar_t>
 C10_HOST_DEVICE inline void lse_update_row(const scalar_t* row, int64_t n, acc_t* m, acc_t* s) {
-  acc_t mx = neg_inf<acc_t>();
+  auto state = LseState<acc_t>::empty();
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t x = static_cast<acc_t>(row[i]);
-    mx = x > mx ? x : mx;
+    state.add(static_cast<acc_t>(row[i]));
   }
-  if (mx == neg_inf<acc_t>()) {
-    return;  // the whole chunk is excluded
-  }
-  const acc_t new_m = *m > mx ? *m : mx;
-  acc_t sum = *s * exp_(*m - new_m);  // *m = −inf with *s = 0 gives 0 · 0
-  for (int64_t i = 0; i < n; ++i) {
-    sum += exp_(static_cast<acc_t>(row[i]) - new_m);
-  }
-  *m = new_m;
-  *s = sum;
+  LseState<acc_t> running{*m, *s};
+  running.merge(state.m, state.s);
+  *m = running.m;
+  *s = running.s;
 }
 
 template <typename acc_t>
@@ -214,6 +248,26 @@ inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// out = a @ b in the accumulation type `out` has, from operands in the inputs' dtype or already
+// in it, without ever rounding the product to half/bfloat16. On CUDA both operands go to the
+// half type and cuBLAS writes its float32 accumulators out (mm.dtype, torch >= 2.8), so the GEMM
+// stays on tensor cores; the CPU has no such GEMM, so there the (chunk-sized) operands are upcast.
+inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  const auto acc = out.scalar_type();
+  if (a.scalar_type() == acc && b.scalar_type() == acc) {
+    at::mm_out(out, a, b);
+    return;
+  }
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  if (a.is_cuda()) {
+    const auto half = a.scalar_type() == acc ? b.scalar_type() : a.scalar_type();
+    at::mm_out(out, a.to(half), b.to(half), acc);
+    return;
+  }
+#endif
+  at::mm_out(out, a.to(acc), b.to(acc));
+}
+
 // Buffer view [rb, cb] over the first rb * cb elements of `buffer`.
 inline at::Tensor chunk_view(const at::Tensor& buffer, int64_t rb, int64_t cb) {
   return buffer.narrow(0, 0, rb * cb).view({rb, cb});
@@ -256,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& hidden_in, const at
   const at::Tensor ex_off = ex_off_in.contiguous(), ex_ids = ex_ids_in.contiguous();
   const int64_t tokens = hidden_in.size(0), vocab = weight.size(0);
   const auto acc = acc_type(hidden_in.scalar_type());
-  at::Tensor loss = at::zeros({tokens}, hidden_in.options());
+  at::Tensor loss = at::zeros({tokens}, hidden_in.options().dtype(acc));
   at::Tensor lse = at::zeros({tokens}, hidden_in.options().dtype(acc));
   if (tokens == 0) {
     return {loss, lse};
@@ -269,12 +323,12 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& hidden_in, const at
   }
   at::Tensor m = at::full({n}, -INFINITY, lse.options());
   at::Tensor s = at::zeros({n}, lse.options());
-  at::Tensor buffer = at::empty({p.token_block * p.vocab_chunk}, hidden_in.options());
+  at::Tensor buffer = at::empty({p.token_block * p.vocab_chunk}, lse.options());
   for_each_chunk(p, vocab, [&](int64_t r0, int64_t r1, bool is_vrt, int64_t row0, int64_t c0,
                                int64_t nc) {
     at::Tensor buf = chunk_view(buffer, r1 - r0, nc);
     const at::Tensor& table = is_vrt ? protos : weight;
-    at::mm_out(buf, p.h.narrow(0, r0, r1 - r0), table.narrow(0, row0, nc).t());
+    mm_acc_out(buf, p.h.narrow(0, r0, r1 - r0), table.narrow(0, row0, nc).t());
     if (is_vrt) {
       K::mask(buf, p.rows.narrow(0, r0, r1 - r0), ex_off, ex_ids, c0);
     }
@@ -282,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& hidden_in, const at
   });
   const at::Tensor lse_rows = m + at::log(s);
   const at::Tensor target = K::label_logits(p.h, weight, protos, p.labels, p.proto_base);
-  loss.index_copy_(0, p.rows, (lse_rows - target).to(loss.scalar_type()));
+  loss.index_copy_(0, p.rows, lse_rows - target);
   lse.index_copy_(0, p.rows, lse_rows);
   return {loss, lse};
 }
@@ -302,25 +356,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                     "], got ", lse.sizes());
   check_same_device(hidden_in, grad_loss, "hidden", "grad_loss");
   check_same_device(hidden_in, lse, "hidden", "lse");
+  check_dtype(lse, acc_type(hidden_in.scalar_type()), "lse");
   const at::Tensor weight = weight_in.contiguous(), protos = protos_in.contiguous();
   const at::Tensor ex_off = ex_off_in.contiguous(), ex_ids = ex_ids_in.contiguous();
+  const auto dtype = hidden_in.scalar_type();
+  const auto acc = acc_type(dtype);
+  // float32 accumulators for half inputs (cast back once at the end).
   at::Tensor grad_hidden = at::zeros_like(hidden_in, at::MemoryFormat::Contiguous);
-  at::Tensor grad_weight = at::zeros_like(weight);
-  at::Tensor grad_protos = at::zeros_like(protos);
+  at::Tensor grad_weight = at::zeros_like(weight, weight.options().dtype(acc));
+  at::Tensor grad_protos = at::zeros_like(protos, protos.options().dtype(acc));
+  const auto finish = [&] {
+    return std::make_tuple(grad_hidden, grad_weight.to(dtype), grad_protos.to(dtype));
+  };
   if (tokens == 0) {
-    return {grad_hidden, grad_weight, grad_protos};
+    return finish();
   }
-  const auto acc = acc_type(hidden_in.scalar_type());
   const Plan p = make_plan(hidden_in, sample_index, proto_offsets, labels, ignore_index,
                            weight.size(0), chunk_size);
   const int64_t n = p.h.size(0);
   if (n == 0) {
-    return {grad_hidden, grad_weight, grad_protos};
+    return finish();
   }
   const at::Tensor g = grad_loss.index_select(0, p.rows).to(acc).contiguous();
-  const at::Tensor lse_rows = lse.index_select(0, p.rows).to(acc).contiguous();
-  at::Tensor grad_h = at::zeros_like(p.h);
-  at::Tensor buffer = at::empty({p.token_block * p.vocab_chunk}, hidden_in.options());
+  const at::Tensor lse_rows = lse.index_select(0, p.rows).contiguous();
+  at::Tensor grad_h = at::zeros({n, p.h.size(1)}, lse.options());
+  at::Tensor buffer = at::empty({p.token_block * p.vocab_chunk}, lse.options());
+  at::Tensor product = at::empty({std::max(p.token_block, p.vocab_chunk) * p.h.size(1)},
+                                 lse.options());
   const int64_t vocab = weight.size(0);
   for_each_chunk(p, vocab, [&](int64_t r0, int64_t r1, bool is_vrt, int64_t row0, int64_t c0,
                                int64_t nc) {
@@ -328,19 +390,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     at::Tensor buf = chunk_view(buffer, rb, nc);
     const at::Tensor hb = p.h.narrow(0, r0, rb);
     const at::Tensor rows_tab = (is_vrt ? protos : weight).narrow(0, row0, nc);
-    at::mm_out(buf, hb, rows_tab.t());
+    mm_acc_out(buf, hb, rows_tab.t());
     if (is_vrt) {
       K::mask(buf, p.rows.narrow(0, r0, rb), ex_off, ex_ids, c0);
     }
     // Columns of this chunk are label ids (is_vrt ? vocab : 0) + c0 + j.
     K::softmax_grad(buf, lse_rows.narrow(0, r0, rb), g.narrow(0, r0, rb),
                     p.labels.narrow(0, r0, rb), (is_vrt ? vocab : 0) + c0);
-    grad_h.narrow(0, r0, rb).addmm_(buf, rows_tab);
+    const int64_t dim = hb.size(1);
+    at::Tensor dh = chunk_view(product, rb, dim);
+    mm_acc_out(dh, buf, rows_tab);
+    grad_h.narrow(0, r0, rb).add_(dh);
     // Chunks own disjoint rows of grad_weight / grad_protos: race-free accumulation.
-    (is_vrt ? grad_protos : grad_weight).narrow(0, row0, nc).addmm_(buf.t(), hb);
+    at::Tensor dw = chunk_view(product, nc, dim);
+    mm_acc_out(dw, buf.t(), hb);
+    (is_vrt ? grad_protos : grad_weight).narrow(0, row0, nc).add_(dw);
   });
-  grad_hidden.index_copy_(0, p.rows, grad_h);
-  return {grad_hidden, grad_weight, grad_protos};
+  grad_hidden.index_copy_(0, p.rows, grad_h.to(dtype));
+  return finish();
 }
 
 }  // namespace vrt_ce

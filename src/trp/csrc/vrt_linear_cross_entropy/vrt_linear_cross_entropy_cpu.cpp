@@ -1,5 +1,6 @@
 // CPU launcher of vrt_linear_cross_entropy: the chunked driver of the header with
 // at::parallel_for kernels over buffer rows; each row calls the shared per-element math.
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -70,17 +71,19 @@ struct CpuKernels {
                                  const at::Tensor& protos, const at::Tensor& labels,
                                  const at::Tensor& proto_base) {
     const int64_t rows = h.size(0), dim = h.size(1), vocab = weight.size(0);
-    at::Tensor out = at::empty({rows}, h.options());
-    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "trp::vrt_ce_label_cpu", [&] {
+    at::Tensor out = at::empty({rows}, h.options().dtype(acc_type(h.scalar_type())));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
+                                    "trp::vrt_ce_label_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* hp = h.const_data_ptr<scalar_t>();
       const scalar_t* w = weight.const_data_ptr<scalar_t>();
       const scalar_t* pp = protos.const_data_ptr<scalar_t>();
       const int64_t* lab = labels.const_data_ptr<int64_t>();
       const int64_t* base = proto_base.const_data_ptr<int64_t>();
-      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      acc_t* o = out.mutable_data_ptr<acc_t>();
       at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
-          o[r] = label_logit<scalar_t>(hp + r * dim, w, pp, lab[r], base[r], vocab, dim);
+          o[r] = label_logit<acc_t>(hp + r * dim, w, pp, lab[r], base[r], vocab, dim);
         }
       });
     });
@@ -88,10 +91,12 @@ struct CpuKernels {
   }
 };
 
+// Half inputs are accumulated in float32 by the shared driver (as on CUDA).
 void check_cpu_dtype(const at::Tensor& hidden) {
-  TORCH_CHECK_TYPE(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
-                   "vrt_linear_cross_entropy on CPU supports float32 and float64, got ",
-                   hidden.scalar_type());
+  const auto t = hidden.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+                   "vrt_linear_cross_entropy on CPU supports float16, bfloat16, float32 and "
+                   "float64, got ", t);
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& hidden, const at::Tensor& weight,

@@ -1,8 +1,10 @@
 // CUDA launcher of vrt_linear_cross_entropy: the same chunked driver as the CPU (the chunk
 // products are at::mm, i.e. cuBLAS) with grid-stride kernels for the elementwise part, which call
-// the shared math of vrt_linear_cross_entropy.h in opmath precision. The log-sum-exp and the mask
-// run one thread per buffer row (a row is one token's chunk: its reduction is sequential in the
-// shared math); the softmax gradient runs one thread per buffer element.
+// the shared math of vrt_linear_cross_entropy.h; the buffer is in the accumulation type. The
+// log-sum-exp of a buffer row (one token's chunk, up to chunk_size logits) is one block: each
+// thread folds a strided slice into an LseState, and the block merges them in shared memory (a
+// thread per row left most of 132 SMs idle and read each row serially). The mask runs one thread
+// per row (a few excluded ids each); the softmax gradient one thread per buffer element.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -16,7 +18,35 @@ namespace {
 
 template <typename scalar_t, typename acc_t>
 __global__ void lse_kernel(const scalar_t* buf, acc_t* m, acc_t* s, int64_t rows, int64_t cols) {
-  TRP_GRID_STRIDE_LOOP(r, rows) { lse_update_row<acc_t>(buf + r * cols, cols, m + r, s + r); }
+  // Launched with kThreads (a power of two) threads per block: the tree below halves it.
+  __shared__ acc_t shared_m[kThreads];
+  __shared__ acc_t shared_s[kThreads];
+  const unsigned int t = threadIdx.x;
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    auto state = LseState<acc_t>::empty();
+    for (int64_t c = t; c < cols; c += blockDim.x) {
+      state.add(static_cast<acc_t>(buf[r * cols + c]));
+    }
+    shared_m[t] = state.m;
+    shared_s[t] = state.s;
+    __syncthreads();
+    for (unsigned int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+      if (t < stride) {
+        LseState<acc_t> a{shared_m[t], shared_s[t]};
+        a.merge(shared_m[t + stride], shared_s[t + stride]);
+        shared_m[t] = a.m;
+        shared_s[t] = a.s;
+      }
+      __syncthreads();
+    }
+    if (t == 0) {
+      LseState<acc_t> running{m[r], s[r]};
+      running.merge(shared_m[0], shared_s[0]);
+      m[r] = running.m;
+      s[r] = running.s;
+    }
+    __syncthreads();  // the next row reuses the shared arrays
+  }
 }
 
 template <typename scalar_t>
@@ -53,7 +83,8 @@ struct CudaKernels {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     TRP_VRT_CE_DISPATCH(buf.scalar_type(), "trp::vrt_ce_lse_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      lse_kernel<scalar_t, acc_t><<<grid_for(rows), kThreads, 0, stream>>>(
+      const auto blocks = static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(rows, int64_t{1} << 20)));
+      lse_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
           buf.const_data_ptr<scalar_t>(), m.mutable_data_ptr<acc_t>(),
           s.mutable_data_ptr<acc_t>(), rows, cols);
     });
