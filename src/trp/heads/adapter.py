@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
-from trp.heads.blocks import sine_position_embedding
+from trp.heads.blocks import masked_group_norm, sine_position_embedding
 
 __all__ = ["AdaptedFeatures", "FeatureAdapter"]
 
@@ -25,6 +26,13 @@ class AdaptedFeatures:
         flat_pos (Tensor[S, D]): ``pos`` flattened the same way.
         spatial_shapes (Tensor[L, 2], int64): ``(H_l, W_l)``.
         level_start_index (Tensor[L], int64): offset of each level in ``S``.
+        padding (Tensor[B, S], bool, optional): True at padded cells (keys to ignore, values to
+            zero); ``None``: no padding. With padding, ``pos`` is per image ``[B, D, H_l, W_l]``
+            and ``flat_pos`` ``[B, S, D]`` (each image's positions span its own extent); both
+            broadcast against ``maps`` / ``flat`` either way.
+        valid_ratios (Tensor[B, L, 2], optional): per image and level the ``(x, y)`` fraction of
+            the grid that is image (Deformable-DETR's valid ratios): a point in an image's own
+            normalised frame is ``point * ratio`` in the padded grid's frame.
     """
 
     maps: list[Tensor]
@@ -33,6 +41,8 @@ class AdaptedFeatures:
     flat_pos: Tensor
     spatial_shapes: Tensor
     level_start_index: Tensor
+    padding: Tensor | None = None
+    valid_ratios: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -96,22 +106,76 @@ class FeatureAdapter(nn.Module):
                 raise ValueError(f"features disagree on the batch size: {batch} vs {f.shape[0]}")
             batch = f.shape[0]
 
-    def forward(self, features: Sequence[Tensor]) -> AdaptedFeatures:
-        """``features``: L tensors ``[B, C_l, H_l, W_l]`` -> :class:`AdaptedFeatures`."""
-        self.check(features)
-        maps, pos = [], []
-        for level, (f, proj) in enumerate(zip(features, self.proj)):
-            m = proj(f)  # B x D x H x W
+    def check_padding(
+        self, features: Sequence[Tensor], padding_masks: Sequence[Tensor] | None
+    ) -> None:
+        """Raise when ``padding_masks`` do not match ``features`` (one bool ``[B, H_l, W_l]`` per
+        level, the image top-left with padding below and to the right, DETR's layout)."""
+        if padding_masks is None:
+            return
+        if isinstance(padding_masks, Tensor) or len(padding_masks) != len(features):
+            raise ValueError(f"padding_masks needs one [B, H, W] mask per level ({len(features)})")
+        for i, (f, m) in enumerate(zip(features, padding_masks)):
+            if not isinstance(m, Tensor) or m.dtype != torch.bool:
+                raise TypeError(f"padding_masks[{i}] must be a bool tensor")
+            if tuple(m.shape) != (f.shape[0], *f.shape[-2:]):
+                raise ValueError(
+                    f"padding_masks[{i}] must have shape {[f.shape[0], *f.shape[-2:]]}, got "
+                    f"{list(m.shape)}"
+                )
+            valid = ~m
+            rows, cols = valid.any(2).sum(1), valid.any(1).sum(1)  # B, B
             h, w = m.shape[-2:]
-            p = sine_position_embedding(h, w, self.d_model, device=m.device, dtype=m.dtype)
+            r = torch.arange(h, device=m.device)[None, :, None] < rows[:, None, None]
+            c = torch.arange(w, device=m.device)[None, None, :] < cols[:, None, None]
+            if not torch.equal(valid, r & c) or bool((rows == 0).any()):
+                raise ValueError(
+                    f"padding_masks[{i}]: each image must be a non-empty top-left rectangle "
+                    "(padding below and to the right)"
+                )
+
+    def forward(
+        self, features: Sequence[Tensor], padding_masks: Sequence[Tensor] | None = None
+    ) -> AdaptedFeatures:
+        """``features``: L tensors ``[B, C_l, H_l, W_l]`` -> :class:`AdaptedFeatures`.
+
+        ``padding_masks``: L bool ``[B, H_l, W_l]`` (True = padding), for images of different
+        sizes batched on one grid: normalisation statistics and positions then come from each
+        image's own cells, padded cells are zero and marked in ``padding``.
+        """
+        self.check(features)
+        self.check_padding(features, padding_masks)
+        maps, pos, ratios = [], [], []
+        for level, (f, proj) in enumerate(zip(features, self.proj)):
+            h, w = f.shape[-2:]
+            embed = self.level_embed[level]
+            if padding_masks is None:
+                m = proj(f)  # B x D x H x W
+                p = sine_position_embedding(h, w, self.d_model, device=m.device, dtype=m.dtype)
+                p = p + embed.to(m.dtype)[:, None, None]  # D x H x W
+            else:
+                valid = ~padding_masks[level].to(f.device)  # B x H x W
+                m = masked_group_norm(proj[0](f), proj[1], valid)
+                extent = torch.stack([valid.any(2).sum(1), valid.any(1).sum(1)], 1)  # B x 2
+                p = sine_position_embedding(
+                    h, w, self.d_model, device=m.device, dtype=m.dtype, valid=extent
+                )
+                p = p + embed.to(m.dtype)[None, :, None, None]  # B x D x H x W
+                ratios.append(extent.flip(-1).to(m.dtype) / m.new_tensor([w, h]))  # B x 2 (x, y)
             maps.append(m)
-            pos.append(p + self.level_embed[level].to(m.dtype)[:, None, None])
+            pos.append(p)
         shapes = torch.tensor(
             [m.shape[-2:] for m in maps], dtype=torch.int64, device=maps[0].device
         )
         starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
-        flat = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)  # B x S x D
-        flat_pos = torch.cat([p.flatten(1).transpose(0, 1) for p in pos], dim=0)  # S x D
+        flat = torch.cat([rearrange(m, "b c h w -> b (h w) c") for m in maps], dim=1)  # B x S x D
+        flat_pos = torch.cat(
+            [rearrange(p, "... c h w -> ... (h w) c") for p in pos], dim=-2
+        )  # S x D, or B x S x D with padding
+        padding = valid_ratios = None
+        if padding_masks is not None:
+            padding = torch.cat([m.to(flat.device).flatten(1) for m in padding_masks], dim=1)
+            valid_ratios = torch.stack(ratios, dim=1)  # B x L x 2
         return AdaptedFeatures(
             maps=maps,
             pos=pos,
@@ -119,4 +183,6 @@ class FeatureAdapter(nn.Module):
             flat_pos=flat_pos,
             spatial_shapes=shapes,
             level_start_index=starts,
+            padding=padding,
+            valid_ratios=valid_ratios,
         )

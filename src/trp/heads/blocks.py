@@ -6,12 +6,14 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 __all__ = [
     "MLP",
     "inverse_sigmoid",
     "jitter_boxes",
+    "masked_group_norm",
     "merge_reference_boxes",
     "sine_position_embedding",
 ]
@@ -33,6 +35,23 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = torch.relu(x)
         return x
+
+
+def masked_group_norm(x: Tensor, norm: nn.GroupNorm, valid: Tensor) -> Tensor:
+    """``norm`` (a ``GroupNorm``) of ``x [B, C, H, W]`` with its statistics taken over the cells
+    where ``valid [B, H, W]`` is True only, and zeros elsewhere: an image padded onto a larger
+    grid is normalised exactly as it is alone (padding must not shift the statistics)."""
+    b, c, h, w = x.shape
+    g = norm.num_groups
+    xs = x.float().reshape(b, g, c // g, h * w)
+    v = valid.reshape(b, 1, 1, h * w).to(xs.dtype)
+    n = v.sum(-1, keepdim=True).clamp(min=1) * (c // g)
+    mean = (xs * v).sum((-2, -1), keepdim=True) / n
+    var = (((xs - mean) * v) ** 2).sum((-2, -1), keepdim=True) / n
+    y = ((xs - mean) / torch.sqrt(var + norm.eps)).reshape(b, c, h, w).to(x.dtype)
+    if norm.affine:
+        y = y * norm.weight[:, None, None] + norm.bias[:, None, None]
+    return y * valid[:, None].to(y.dtype)
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -85,24 +104,42 @@ def sine_position_embedding(
     temperature: float = 10000.0,
     device: torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """2-D sine-cosine position embedding of an ``height x width`` grid, ``Tensor[dim, H, W]``.
 
     DETR's ``PositionEmbeddingSine(normalize=True)``: half of the channels encode y, half x,
     from normalised cell centres, so grids of different sizes share one coordinate frame.
+
+    ``valid (Tensor[B, 2], int64)``: per image the ``(rows, cols)`` that are not padding (the
+    image sits top-left of the padded grid); cell centres are then normalised by each image's
+    own extent, so a padded image gets the positions it has unpadded. Returns
+    ``Tensor[B, dim, H, W]`` in that case.
     """
     if dim % 4:
         raise ValueError(f"position embedding dim must be divisible by 4, got {dim}")
     quarter = dim // 4
-    y = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height * 2 * math.pi
-    x = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width * 2 * math.pi
     freq = temperature ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
-    py = y[:, None] / freq  # H x dim/4
-    px = x[:, None] / freq  # W x dim/4
-    py = torch.cat([py.sin(), py.cos()], dim=1)  # H x dim/2
-    px = torch.cat([px.sin(), px.cos()], dim=1)  # W x dim/2
+    rows = torch.arange(height, device=device, dtype=torch.float32) + 0.5
+    cols = torch.arange(width, device=device, dtype=torch.float32) + 0.5
+    if valid is None:
+        y = (rows / height)[None]  # 1 x H
+        x = (cols / width)[None]  # 1 x W
+    else:
+        extent = valid.to(device=device, dtype=torch.float32).clamp(min=1)
+        y = rows[None] / extent[:, :1]  # B x H
+        x = cols[None] / extent[:, 1:]  # B x W
+    py = y[..., None] * (2 * math.pi) / freq  # b x H x dim/4
+    px = x[..., None] * (2 * math.pi) / freq  # b x W x dim/4
+    py = torch.cat([py.sin(), py.cos()], dim=-1)  # b x H x dim/2
+    px = torch.cat([px.sin(), px.cos()], dim=-1)  # b x W x dim/2
+    b = py.shape[0]
     pos = torch.cat(
-        [py[:, None, :].expand(height, width, -1), px[None, :, :].expand(height, width, -1)],
-        dim=2,
-    )  # H x W x dim
-    return pos.permute(2, 0, 1).to(dtype)
+        [
+            py[:, :, None, :].expand(b, height, width, -1),
+            px[:, None, :, :].expand(b, height, width, -1),
+        ],
+        dim=-1,
+    )  # b x H x W x dim
+    pos = rearrange(pos, "b h w c -> b c h w").to(dtype)
+    return pos[0] if valid is None else pos

@@ -9,8 +9,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trp.heads.adapter import FeatureAdapter
-from trp.heads.pixel_decoder import PixelDecoder, quarter_size
-from trp.heads.queries import QueryEncoder
+from trp.heads.blocks import masked_group_norm
+from trp.heads.cross_attention import DenseCrossAttention
+from trp.heads.inputs import HeadInputs
+from trp.heads.pixel_decoder import PixelDecoder, quarter_size, resize_valid
+from trp.heads.queries import Pooling, QueryEncoder
 
 __all__ = ["DepthHead"]
 
@@ -41,7 +44,7 @@ class DepthHead(nn.Module):
         n_heads: int = 8,
         activation: Literal["softplus", "exp"] = "softplus",
         min_depth: float = 1e-3,
-        pooling: str = "attention",
+        pooling: Pooling = "attention",
         max_queries: int = 100,
     ) -> None:
         super().__init__()
@@ -51,7 +54,7 @@ class DepthHead(nn.Module):
         self.query_encoder = QueryEncoder(
             in_dim=in_dim, d_model=d_model, pooling=pooling, max_queries=max_queries
         )
-        self.read = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
+        self.read = DenseCrossAttention(d_model=d_model, n_heads=n_heads, value_pos=False)
         self.read_norm = nn.LayerNorm(d_model)
         self.pixel_decoder = PixelDecoder(
             d_model=d_model, out_dim=hidden_dim, num_levels=self.adapter.num_levels
@@ -73,41 +76,55 @@ class DepthHead(nn.Module):
         self.min_depth = min_depth
         self.hidden_dim = hidden_dim
 
-    def forward(
-        self,
-        queries: Tensor,
-        features: Sequence[Tensor],
-        query_image_index: Tensor,
-        *,
-        image_size: tuple[int, int],
-        object_index: Tensor | None = None,
-    ) -> dict:
+    def _decode(self, x: Tensor, valid: Tensor | None) -> Tensor:
+        if valid is None:
+            return self.decoder(x)[:, 0]
+        conv0, norm, act0, conv1, act1, conv2 = self.decoder
+        v = valid[:, None].to(x.dtype)  # N x 1 x h x w
+        # Zero outside the image before every 3x3 conv (what it sees outside an unpadded image).
+        x = act0(masked_group_norm(conv0(x * v), norm, valid))
+        x = act1(conv1(x * v))
+        return conv2(x * v)[:, 0]
+
+    def forward(self, inputs: HeadInputs) -> dict:
         """Predict depth.
 
-        Args:
-            queries, features, query_image_index, object_index: as :meth:`BoxHead.forward`.
-            image_size: (H, W) of the input images; the output grid is ``ceil(H/4) x ceil(W/4)``.
+        Reads ``queries``, ``features``, ``image_index``, ``object_index``, ``padding_masks``
+        and ``image_size`` (required: the output grid is ``ceil(H/4) x ceil(W/4)``).
+
         Returns:
             dict with ``depth`` (Tensor[N, ceil(H/4), ceil(W/4)], > 0) and ``image_index``.
         """
-        if image_size is None:
-            raise ValueError("DepthHead needs image_size=(H, W)")
-        out_size = quarter_size(image_size)
-        self.adapter.check(features)
+        if not isinstance(inputs, HeadInputs):
+            raise TypeError(f"DepthHead takes a trp.heads.HeadInputs, got {type(inputs).__name__}")
+        if inputs.image_size is None:
+            raise ValueError("DepthHead needs HeadInputs.image_size=(H, W)")
+        out_size = quarter_size(inputs.image_size)
+        self.adapter.check(inputs.features)
         qb = self.query_encoder(
-            queries, query_image_index, num_images=features[0].shape[0], object_index=object_index
+            inputs.queries,
+            inputs.image_index,
+            num_images=inputs.num_images,
+            object_index=inputs.object_index,
         )
         if len(qb) == 0:
-            return {"depth": queries.new_zeros(0, *out_size), "image_index": qb.image_index}
-        feats = self.adapter(features)
+            return {"depth": inputs.queries.new_zeros(0, *out_size), "image_index": qb.image_index}
+        feats = self.adapter(inputs.features, inputs.padding_masks)
         q = qb.pad(qb.embed + qb.pos)  # B x M x D
-        keys = feats.flat + feats.flat_pos  # B x S x D
-        ctx = self.read(q, keys, feats.flat, need_weights=False)[0]
+        ctx = self.read(q, feats)
         q = qb.unpad(self.read_norm(q + ctx))  # N x D
-        pixels = self.pixel_decoder(feats.maps, out_size)  # B x Ch x h x w
+        pixels = self.pixel_decoder(
+            feats.maps, out_size, padding_masks=inputs.padding_masks
+        )  # B x Ch x h x w
         gamma, beta = self.film(q).chunk(2, dim=-1)  # N x Ch each
+        # Depth is per query: its FiLM-modulated maps are the output's own size.
         x = pixels[qb.image_index] * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
-        raw = self.decoder(x)[:, 0]  # N x h x w
+        valid = None
+        if inputs.padding_masks is not None:
+            finest = max(range(len(feats.maps)), key=lambda i: feats.maps[i].shape[-1])
+            valid = resize_valid(~inputs.padding_masks[finest].to(x.device), out_size)
+            valid = valid[qb.image_index]
+        raw = self._decode(x, valid)  # N x h x w
         depth = F.softplus(raw) if self.activation == "softplus" else raw.clamp(max=20).exp()
         return {"depth": depth + self.min_depth, "image_index": qb.image_index}
 

@@ -6,64 +6,19 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
-from trp.heads.adapter import FeatureAdapter
 from trp.heads.blocks import MLP, inverse_sigmoid
-from trp.heads.pixel_decoder import PixelDecoder, quarter_size
-from trp.heads.queries import QueryEncoder
-from trp.ops import MSDeformAttn
+from trp.heads.inputs import HeadInputs
+from trp.heads.pixel_decoder import PixelDecoder, quarter_size, resize_valid
+from trp.heads.queries import Pooling
+from trp.heads.query_decoder import QueryDecoder
 from trp.ops.soft_argmax import soft_argmax
 
-__all__ = ["KeypointDecoderLayer", "KeypointHead"]
+__all__ = ["KeypointHead"]
 
 Mode = Literal["regression", "heatmap"]
-
-
-class KeypointDecoderLayer(nn.Module):
-    """Self-attention among the K (+1 instance) tokens of one instance, deformable
-    cross-attention of every keypoint token around its reference point, FFN (post-norm).
-
-    Static shapes, no host synchronisation: compiles with ``fullgraph=True``.
-    """
-
-    def __init__(
-        self, *, d_model: int, n_heads: int, n_levels: int, n_points: int, dim_feedforward: int
-    ) -> None:
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.cross_attn = MSDeformAttn(
-            d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points
-        )
-        self.norm2 = nn.LayerNorm(d_model)
-        self.ffn = nn.Sequential(
-            nn.Linear(d_model, dim_feedforward), nn.ReLU(), nn.Linear(dim_feedforward, d_model)
-        )
-        self.norm3 = nn.LayerNorm(d_model)
-
-    def forward(
-        self,
-        tokens: Tensor,
-        pos: Tensor,
-        reference_points: Tensor,
-        value: Tensor,
-        spatial_shapes: Tensor,
-        level_start_index: Tensor,
-    ) -> Tensor:
-        """``tokens``/``pos`` [B, M, K, D]; ``reference_points`` [B, M·K, L, 2] (xy in [0, 1]);
-        ``value`` [B, S, D] -> [B, M, K, D]."""
-        b, m, k, d = tokens.shape
-        t = tokens.reshape(b * m, k, d)
-        p = pos.reshape(b * m, k, d)
-        attn = self.self_attn(t + p, t + p, t, need_weights=False)[0]
-        t = self.norm1(t + attn).reshape(b, m * k, d)
-        cross = self.cross_attn(
-            t + pos.reshape(b, m * k, d), reference_points, value, spatial_shapes, level_start_index
-        )
-        t = self.norm2(t + cross)
-        t = self.norm3(t + self.ffn(t))
-        return t.reshape(b, m, k, d)
 
 
 class KeypointHead(nn.Module):
@@ -96,7 +51,7 @@ class KeypointHead(nn.Module):
         num_layers: int = 3,
         heatmap_dim: int = 64,
         beta: float = 1.0,
-        pooling: str = "attention",
+        pooling: Pooling = "attention",
         max_queries: int = 100,
     ) -> None:
         super().__init__()
@@ -104,23 +59,24 @@ class KeypointHead(nn.Module):
             raise ValueError(f"mode must be 'regression' or 'heatmap', got {mode!r}")
         if num_keypoints < 1 or num_layers < 1:
             raise ValueError("num_keypoints and num_layers must be >= 1")
-        self.adapter = FeatureAdapter(in_channels=in_channels, d_model=d_model)
-        self.query_encoder = QueryEncoder(
-            in_dim=in_dim, d_model=d_model, pooling=pooling, max_queries=max_queries
+        # Self-attention among the K tokens of one instance; deformable cross-attention of
+        # every keypoint token around its current point.
+        self.decoder = QueryDecoder(
+            in_dim=in_dim,
+            in_channels=in_channels,
+            d_model=d_model,
+            n_heads=n_heads,
+            dim_feedforward=dim_feedforward,
+            num_layers=num_layers,
+            cross_attention="deformable",
+            n_points=n_points,
+            self_attention="tokens",
+            pooling=pooling,
+            max_queries=max_queries,
         )
-        n_levels = self.adapter.num_levels
+        n_levels = self.decoder.num_levels
         self.keypoint_embed = nn.Parameter(torch.randn(num_keypoints, d_model) * 0.02)
         self.keypoint_pos = nn.Parameter(torch.randn(num_keypoints, d_model) * 0.02)
-        self.layers = nn.ModuleList(
-            KeypointDecoderLayer(
-                d_model=d_model,
-                n_heads=n_heads,
-                n_levels=n_levels,
-                n_points=n_points,
-                dim_feedforward=dim_feedforward,
-            )
-            for _ in range(num_layers)
-        )
         self.init_point = nn.Linear(d_model, 2)
         self.point_embed = nn.ModuleList(
             MLP(in_dim=d_model, hidden_dim=d_model, out_dim=2, num_layers=2)
@@ -139,32 +95,27 @@ class KeypointHead(nn.Module):
                 in_dim=d_model, hidden_dim=d_model, out_dim=heatmap_dim, num_layers=2
             )
 
-    def forward(
-        self,
-        queries: Tensor,
-        features: Sequence[Tensor],
-        query_image_index: Tensor,
-        *,
-        object_index: Tensor | None = None,
-        image_size: tuple[int, int] | None = None,
-    ) -> dict:
+    def forward(self, inputs: HeadInputs) -> dict:
         """Predict keypoints.
 
-        Args:
-            queries, features, query_image_index, object_index: as :meth:`BoxHead.forward`.
-            image_size: (H, W); needed in heatmap mode (heatmaps at 1/4 resolution).
+        Reads ``queries``, ``features``, ``image_index``, ``object_index``, ``padding_masks`` and
+        ``image_size`` (needed in heatmap mode: heatmaps at 1/4 resolution).
+
         Returns:
             dict with ``keypoints`` (Tensor[N, K, 2], normalised xy in [0, 1]), ``visibility``
             (Tensor[N, K] logits), ``image_index`` (Tensor[N]), ``aux`` (``keypoints`` of earlier
             layers; regression mode) and, in heatmap mode, ``heatmaps`` (Tensor[N, K, h, w]).
         """
+        if not isinstance(inputs, HeadInputs):
+            raise TypeError(
+                f"KeypointHead takes a trp.heads.HeadInputs, got {type(inputs).__name__}"
+            )
+        image_size = inputs.image_size
         if self.mode == "heatmap" and image_size is None:
-            raise ValueError("KeypointHead(mode='heatmap') needs image_size=(H, W)")
-        self.adapter.check(features)
-        qb = self.query_encoder(
-            queries, query_image_index, num_images=features[0].shape[0], object_index=object_index
-        )
+            raise ValueError("KeypointHead(mode='heatmap') needs HeadInputs.image_size=(H, W)")
+        qb, feats = self.decoder.encode(inputs)
         k = self.num_keypoints
+        queries = inputs.queries
         if len(qb) == 0:
             out = {
                 "keypoints": queries.new_zeros(0, k, 2),
@@ -175,19 +126,13 @@ class KeypointHead(nn.Module):
             if self.mode == "heatmap":
                 out["heatmaps"] = queries.new_zeros(0, k, *quarter_size(image_size))
             return out
-        feats = self.adapter(features)
-        value = feats.flat + feats.flat_pos  # B x S x D
         inst = qb.pad(qb.embed)  # B x M x D
-        b, m, d = inst.shape
         tokens = inst[:, :, None, :] + self.keypoint_embed  # B x M x K x D
         pos = qb.pad(qb.pos)[:, :, None, :] + self.keypoint_pos  # B x M x K x D
         ref = self.init_point(tokens).sigmoid()  # B x M x K x 2
         aux = []
-        for layer, point_embed in zip(self.layers, self.point_embed):
-            ref_levels = ref.detach().reshape(b, m * k, 1, 2).expand(-1, -1, self.num_levels, -1)
-            tokens = layer(
-                tokens, pos, ref_levels, value, feats.spatial_shapes, feats.level_start_index
-            )
+        for layer, point_embed in zip(self.decoder.layers, self.point_embed):
+            tokens = layer(tokens, feats, pos=pos, reference_points=ref.detach())
             ref = (point_embed(tokens) + inverse_sigmoid(ref.detach())).sigmoid()
             aux.append({"keypoints": qb.unpad(ref)})
         out = {
@@ -198,13 +143,26 @@ class KeypointHead(nn.Module):
             out["keypoints"] = aux[-1]["keypoints"]
             out["aux"] = aux[:-1]
             return out
-        pixels = self.pixel_decoder(feats.maps, quarter_size(image_size))  # B x Ch x h x w
-        embed = self.heatmap_embed(tokens).reshape(b, m * k, -1)  # B x MK x Ch
+        b, m = inst.shape[:2]
+        pixels = self.pixel_decoder(
+            feats.maps, quarter_size(image_size), padding_masks=inputs.padding_masks
+        )  # B x Ch x h x w
+        embed = rearrange(self.heatmap_embed(tokens), "b m k c -> b (m k) c")
         # Scaled dot product: unscaled logits saturate the soft-argmax (zero gradient) early.
         heat = torch.einsum("bqc,bchw->bqhw", embed, pixels) * embed.shape[-1] ** -0.5
-        xy = soft_argmax(heat, beta=self.beta).reshape(b, m, k, 2)
+        if inputs.padding_masks is not None:
+            # No mass on padding; points from the canvas frame into each image's own frame.
+            finest = max(range(len(feats.maps)), key=lambda i: feats.maps[i].shape[-1])
+            valid = resize_valid(~inputs.padding_masks[finest].to(heat.device), heat.shape[-2:])
+            heat = heat.masked_fill(~valid[:, None], -1e4)
+        xy = soft_argmax(heat, beta=self.beta)  # B x MK x 2
+        if inputs.padding_masks is not None:
+            h, w = heat.shape[-2:]
+            extent = torch.stack([valid.any(1).sum(1) / w, valid.any(2).sum(1) / h], -1)
+            xy = xy / extent[:, None].to(xy.dtype)
+        xy = rearrange(xy, "b (m k) r -> b m k r", m=m)
         out["keypoints"] = qb.unpad(xy)
-        out["heatmaps"] = qb.unpad(heat.reshape(b, m, k, *heat.shape[-2:]))
+        out["heatmaps"] = qb.unpad(rearrange(heat, "b (m k) h w -> b m k h w", m=m))
         out["aux"] = aux
         return out
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PixelDecoder", "quarter_size"]
+from trp.heads.blocks import masked_group_norm
+
+__all__ = ["PixelDecoder", "quarter_size", "replicate_edges", "resize_valid"]
 
 
 def quarter_size(image_size: Sequence[int]) -> tuple[int, int]:
@@ -43,16 +46,72 @@ class PixelDecoder(nn.Module):
             _conv_gn(d_model, out_dim, out_groups), nn.Conv2d(out_dim, out_dim, 1)
         )
 
-    def forward(self, maps: Sequence[Tensor], out_size: tuple[int, int]) -> Tensor:
-        """``maps``: L tensors ``[B, D, H_l, W_l]`` -> ``[B, out_dim, *out_size]``."""
+    def forward(
+        self,
+        maps: Sequence[Tensor],
+        out_size: tuple[int, int],
+        *,
+        padding_masks: Sequence[Tensor] | None = None,
+    ) -> Tensor:
+        """``maps``: L tensors ``[B, D, H_l, W_l]`` -> ``[B, out_dim, *out_size]``.
+
+        ``padding_masks``: L bool ``[B, H_l, W_l]`` (True = padding, below and right of each
+        image): normalisation statistics come from the image's cells, padded cells are kept at
+        zero (what a 3x3 convolution sees outside an unpadded image) and the image's edge is
+        replicated before each bilinear upsampling (what edge clamping gives unpadded), so an
+        image's pixel features do not depend on the padding around it.
+        """
         order = sorted(range(len(maps)), key=lambda i: maps[i].shape[-2] * maps[i].shape[-1])
         x = None
+        valid = None
         for i in order:
             lat = self.lateral[i](maps[i])
+            if padding_masks is not None:
+                valid = ~padding_masks[i].to(lat.device)
             if x is not None:
                 lat = lat + F.interpolate(
                     x, size=lat.shape[-2:], mode="bilinear", align_corners=False
                 )
-            x = self.fuse[i](lat)
+            x = _conv_gn_masked(self.fuse[i], lat, valid)
+            if valid is not None:
+                x = replicate_edges(x, valid)
+        if valid is None:
+            x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
+            return self.out(x)
+        finest = valid
         x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
-        return self.out(x)
+        valid = resize_valid(finest, out_size)
+        x = _conv_gn_masked(self.out[0], x * valid[:, None], valid)
+        return self.out[1](x) * valid[:, None]
+
+
+def resize_valid(valid: Tensor, size: tuple[int, int]) -> Tensor:
+    """The image rectangle of ``valid [B, h, w]`` on a ``size`` grid (the same fraction)."""
+    h, w = valid.shape[-2:]
+    rows = torch.ceil(valid.any(2).sum(1) * (size[0] / h)).long()
+    cols = torch.ceil(valid.any(1).sum(1) * (size[1] / w)).long()
+    r = torch.arange(size[0], device=valid.device)[None, :, None] < rows[:, None, None]
+    c = torch.arange(size[1], device=valid.device)[None, None, :] < cols[:, None, None]
+    return r & c
+
+
+def _conv_gn_masked(block: nn.Sequential, x: Tensor, valid: Tensor | None) -> Tensor:
+    """``_conv_gn`` with GroupNorm statistics over the image's cells and zero padding."""
+    if valid is None:
+        return block(x)
+    conv, norm, act = block
+    x = conv(x * valid[:, None].to(x.dtype))
+    return act(masked_group_norm(x, norm, valid))
+
+
+def replicate_edges(x: Tensor, valid: Tensor) -> Tensor:
+    """``x [B, C, H, W]`` with its padded cells (outside the top-left rectangle ``valid``
+    [B, H, W]) set to the nearest image cell, so interpolation at the image's edge sees what
+    edge clamping gives for the unpadded image."""
+    b, c, h, w = x.shape
+    rows = (valid.any(2).sum(1) - 1).clamp(min=0)  # B
+    cols = (valid.any(1).sum(1) - 1).clamp(min=0)  # B
+    r = torch.minimum(torch.arange(h, device=x.device)[None], rows[:, None])  # B x H
+    cl = torch.minimum(torch.arange(w, device=x.device)[None], cols[:, None])  # B x W
+    x = torch.gather(x, 2, r[:, None, :, None].expand(b, c, h, w))
+    return torch.gather(x, 3, cl[:, None, None, :].expand(b, c, h, w))

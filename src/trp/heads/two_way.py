@@ -35,19 +35,26 @@ class TwoWayBlock(nn.Module):
         image: Tensor,
         image_pos: Tensor,
         query_padding: Tensor,
+        image_padding: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``queries``/``query_pos`` [B, M, D], ``image`` [B, S, D], ``image_pos`` [S, D] or
-        [B, S, D], ``query_padding`` [B, M] (True = ignore; never a full row) -> (queries, image).
+        [B, S, D], ``query_padding`` [B, M] (True = ignore; never a full row), ``image_padding``
+        [B, S] (True at padded cells: ignored as keys, kept at zero) -> (queries, image).
         """
         q = queries + query_pos
         attn = self.self_attn(q, q, queries, key_padding_mask=query_padding, need_weights=False)[0]
         queries = self.norm1(queries + attn)
         keys = image + image_pos
-        attn = self.cross_q2i(queries + query_pos, keys, image, need_weights=False)[0]
+        attn = self.cross_q2i(
+            queries + query_pos, keys, image, key_padding_mask=image_padding, need_weights=False
+        )[0]
         queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
         attn = self.cross_i2q(
             keys, queries + query_pos, queries, key_padding_mask=query_padding, need_weights=False
         )[0]
         image = self.norm4(image + attn)
+        if image_padding is not None:
+            # Padded cells stay zero, as the pixel decoder's convolutions see outside an image.
+            image = image.masked_fill(image_padding[..., None], 0.0)
         return queries, image

@@ -1,4 +1,9 @@
-"""Losses and matching of trp's decoder heads."""
+"""Losses and matching of trp's decoder heads.
+
+Every criterion has one call, ``criterion(predictions, targets, *, pred_group=None) -> dict``
+(targets carry ``group``), and :class:`RoutedCriterion` applies them to a
+:class:`trp.heads.DecoderRouter`'s output.
+"""
 
 from trp.losses.box_loss import BoxCriterion, box_cxcywh_to_xyxy
 from trp.losses.box_region_loss import box_region_loss, box_region_masks
@@ -11,6 +16,7 @@ from trp.losses.keypoint_loss import (
 )
 from trp.losses.mask_loss import MaskCriterion, mask_match_cost
 from trp.losses.matcher import HungarianMatcher, assign, flatten_targets
+from trp.losses.routed import RoutedCriterion
 
 __all__ = [
     "COCO_KEYPOINT_SIGMAS",
@@ -20,6 +26,7 @@ __all__ = [
     "HungarianMatcher",
     "KeypointCriterion",
     "MaskCriterion",
+    "RoutedCriterion",
     "assign",
     "box_cxcywh_to_xyxy",
     "box_region_loss",

@@ -8,18 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trp.heads.box_format import box_cxcywh_to_xyxy
 from trp.losses.group_matcher import GroupMatcher
 from trp.ops import box_iou, generalized_box_iou
 
+# box_cxcywh_to_xyxy stays importable from here (trp.recipes imports it from trp.losses).
 __all__ = ["BoxCriterion", "box_cxcywh_to_xyxy"]
 
 ScoreTarget = Literal["giou", "iou"]
-
-
-def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    """``[..., 4]`` cxcywh -> xyxy."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
 
 
 class BoxCriterion(nn.Module):

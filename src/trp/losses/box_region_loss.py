@@ -1,6 +1,6 @@
 """Box-region losses: a logit map trained to cover an object's box (box-supervised segmentation).
 
-A box head that reads its box off a dense map (:class:`trp.models.LightBoxHead` with
+A box head that reads its box off a dense map (:class:`trp.heads.BoxHead` ``decoder="light"`` with
 ``region=True``) needs only the box as ground truth: the target is the box's filled rectangle.
 Where the data also has the object's mask, the mask is the better target: its extent is the
 same (tight) box, and unlike a rectangle's empty corners it is a property of the pixels.
@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+from trp.heads.box_format import box_cxcywh_to_xyxy
 
 __all__ = ["box_region_loss", "box_region_masks"]
 
@@ -24,8 +26,7 @@ def box_region_masks(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     b = boxes.float()
     y = (torch.arange(h, device=b.device, dtype=torch.float32) + 0.5) / h
     x = (torch.arange(w, device=b.device, dtype=torch.float32) + 0.5) / w
-    x0, x1 = b[:, 0] - b[:, 2] / 2, b[:, 0] + b[:, 2] / 2
-    y0, y1 = b[:, 1] - b[:, 3] / 2, b[:, 1] + b[:, 3] / 2
+    x0, y0, x1, y1 = box_cxcywh_to_xyxy(b).unbind(-1)
     inside_x = (x[None] >= x0[:, None]) & (x[None] <= x1[:, None])  # N x W
     inside_y = (y[None] >= y0[:, None]) & (y[None] <= y1[:, None])  # N x H
     return (inside_y[:, :, None] & inside_x[:, None, :]).float()

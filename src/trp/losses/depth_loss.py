@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trp.losses.group_matcher import match_in_groups
+
 __all__ = ["DepthCriterion", "gradient_matching_loss", "silog_loss"]
 
 
@@ -51,7 +53,9 @@ class DepthCriterion(nn.Module):
     """Losses of :class:`trp.heads.DepthHead`: ``loss_silog`` and ``loss_grad`` (weighted).
 
     Predictions are upsampled (bilinear) to the target resolution before the losses, so the
-    ground truth is never blurred. Predictions and targets pair one-to-one in order.
+    ground truth is never blurred. With groups (``pred_group`` and ``targets["group"]``, as
+    every criterion takes them) predictions are matched to the targets of their group on the
+    mean absolute log-depth difference; without, they pair one-to-one in order.
     """
 
     def __init__(
@@ -70,33 +74,82 @@ class DepthCriterion(nn.Module):
         self.lambd = lambd
         self.num_scales = num_scales
 
-    def forward(self, predictions: dict, targets: dict) -> dict[str, Tensor]:
+    @torch.no_grad()
+    def match(
+        self, predictions: dict, targets: dict, pred_group: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """``(pred_idx, tgt_idx)``: within groups on the mean absolute log-depth difference
+        (one-to-one in order without groups)."""
+        pred, gt = predictions["depth"], targets["depth"]
+        tgt_group = targets.get("group")
+        if (pred_group is None) != (tgt_group is None):
+            raise ValueError("give both pred_group and targets['group'], or neither")
+        if pred_group is None:
+            if pred.shape[0] != gt.shape[0]:
+                raise ValueError(
+                    f"without groups predictions and targets pair one-to-one, got "
+                    f"{pred.shape[0]} predictions and {gt.shape[0]} targets"
+                )
+            idx = torch.arange(pred.shape[0])
+            return idx, idx.clone()
+
+        def cost(pred_rows: Tensor, tgt_order: Tensor, offsets: Tensor) -> list[Tensor]:
+            bounds = offsets.tolist()
+            out = []
+            for g in range(pred_rows.shape[0]):
+                p = self._resize(pred[pred_rows[g].clamp(min=0).to(pred.device)], gt.shape[-2:])
+                t = gt[tgt_order[bounds[g] : bounds[g + 1]].to(gt.device)].to(p)
+                valid = ((t > 0) & torch.isfinite(t)).to(p.dtype)  # G x H x W
+                lp = p.clamp(min=1e-6).log()[:, None]  # M x 1 x H x W
+                lt = t.nan_to_num(1.0).clamp(min=1e-6).log()[None]  # 1 x G x H x W
+                diff = ((lp - lt).abs() * valid[None]).flatten(2).sum(-1)
+                out.append(diff / valid.flatten(1).sum(-1).clamp(min=1)[None])  # M x G
+            return out
+
+        return match_in_groups(pred_group, tgt_group, cost)
+
+    @staticmethod
+    def _resize(depth: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
+        if depth.shape[-2:] == size or depth.shape[0] == 0:
+            return depth
+        return F.interpolate(depth[:, None], size=size, mode="bilinear", align_corners=False)[
+            :, 0
+        ]
+
+    def forward(
+        self, predictions: dict, targets: dict, *, pred_group: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Compute the losses.
 
         Args:
             predictions: ``depth`` (Tensor[N, h, w], > 0).
-            targets: ``depth`` (Tensor[N, H, W]); optional ``valid`` (bool Tensor[N, H, W]);
-                pixels with depth <= 0 or non-finite are invalid too.
+            targets: ``depth`` (Tensor[G, H, W]); optional ``valid`` (bool Tensor[G, H, W]) and
+                ``group`` (Tensor[G], int64: the triplet of each target); pixels with depth
+                <= 0 or non-finite are invalid too.
+            pred_group (Tensor[N], int64, optional): the triplet of each prediction (as the other
+                criteria: ``RoutedPredictions.group``); without groups predictions and targets
+                pair one-to-one in order.
+        Returns:
+            ``loss_silog`` and ``loss_grad`` (weighted), averaged over the matched maps.
         """
         pred = predictions["depth"]
-        gt = targets["depth"]
-        if not isinstance(gt, Tensor) or gt.dim() != 3 or gt.shape[0] != pred.shape[0]:
+        gt = targets.get("depth")
+        if not isinstance(gt, Tensor) or gt.dim() != 3:
             raise ValueError(
-                f"targets['depth'] must have shape [{pred.shape[0]}, H, W], got "
+                f"targets['depth'] must have shape [G, H, W], got "
                 f"{list(getattr(gt, 'shape', []))}"
             )
-        gt = gt.to(pred)
+        pi, ti = self.match(predictions, targets, pred_group)
+        pi, ti = pi.to(pred.device), ti.to(gt.device)
+        if pi.numel() == 0:
+            zero = pred.sum() * 0.0
+            return {"loss_silog": zero, "loss_grad": zero}
+        gt = gt[ti].to(pred)
         valid = (gt > 0) & torch.isfinite(gt)
         if "valid" in targets:
-            valid = valid & targets["valid"].to(device=gt.device, dtype=torch.bool)
-        if pred.shape[0] == 0:
-            zero = pred.sum()
-            return {"loss_silog": zero, "loss_grad": zero}
-        if pred.shape[-2:] != gt.shape[-2:]:
-            pred = F.interpolate(
-                pred[:, None], size=gt.shape[-2:], mode="bilinear", align_corners=False
-            )[:, 0]
-        log_diff = (pred.clamp(min=1e-6).log() - gt.clamp(min=1e-6).log()) * valid
+            valid = valid & targets["valid"][ti].to(device=gt.device, dtype=torch.bool)
+        p = self._resize(pred[pi], gt.shape[-2:])
+        log_diff = (p.clamp(min=1e-6).log() - gt.nan_to_num(1.0).clamp(min=1e-6).log()) * valid
         return {
             "loss_silog": self.weight_silog * silog_loss(log_diff, valid, lambd=self.lambd),
             "loss_grad": self.weight_grad

@@ -10,31 +10,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trp.losses.group_matcher import match_in_groups
-from trp.ops.oks import oks_cost
+
+# The one copy of COCO's sigmas lives with the fused OKS op; re-exported for criteria users.
+from trp.ops.oks import COCO_KEYPOINT_SIGMAS, oks_cost
 
 __all__ = ["COCO_KEYPOINT_SIGMAS", "KeypointCriterion", "object_keypoint_similarity"]
-
-# nose, eyes, ears, shoulders, elbows, wrists, hips, knees, ankles (COCO keypoint evaluation).
-COCO_KEYPOINT_SIGMAS: tuple[float, ...] = (
-    0.026,
-    0.025,
-    0.025,
-    0.035,
-    0.035,
-    0.079,
-    0.079,
-    0.072,
-    0.072,
-    0.062,
-    0.062,
-    0.107,
-    0.107,
-    0.087,
-    0.087,
-    0.089,
-    0.089,
-)
-
 
 def object_keypoint_similarity(
     pred: Tensor, target: Tensor, areas: Tensor, sigmas: Tensor, eps: float = 1e-6

@@ -16,12 +16,15 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from trp.vrt.binding import ImageBinding
+
 __all__ = [
     "SamplingMode",
     "box_coverage",
     "mask_coverage",
     "rasterize_box",
     "robust_exclusions",
+    "run_reference_boxes",
     "sample_target_patches",
     "target_patches",
 ]
@@ -182,3 +185,62 @@ def robust_exclusions(
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     ids = [per_token[t] for t in sorted(per_token)]
     return offsets, torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
+
+
+def run_reference_boxes(
+    input_ids: Tensor, sample: Tensor, positions: Tensor, binding: ImageBinding
+) -> Tensor:
+    """Box around the patches each VRT run names, ``-> Tensor[Q, 4]`` normalised cxcywh.
+
+    Args:
+        input_ids (Tensor[B, T]): token ids; ``positions`` are absolute columns of it.
+        sample (Tensor[Q], int64): sample of each target.
+        positions (Tensor[Q, K], int64): the target's token positions, padded with -1 (as
+            :class:`trp.grammar.UnitQueries`).
+        binding: the batch's :class:`ImageBinding`; each image's own grid is read from it, so
+            images of different sizes (and several images per sample) work.
+    Returns:
+        Per target the box (in its image's normalised frame) around the run's first patch and
+        the patches 8-connected to it through the run's patches of the same image and frame: a
+        stray VRT elsewhere does not stretch it. A target with no VRT of its sample among its
+        tokens (a ``<REF>``) is a NaN row.
+    """
+    if positions.dim() != 2 or sample.shape != positions.shape[:1]:
+        raise ValueError(
+            f"sample [Q] and positions [Q, K] must agree, got {list(sample.shape)} and "
+            f"{list(positions.shape)}"
+        )
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got {list(input_ids.shape)}")
+    ids, smp, pos = input_ids.cpu(), sample.cpu(), positions.cpu()
+    boxes = torch.full((len(smp), 4), float("nan"))
+    limit = binding.patches_per_sample
+    for q, (s, row) in enumerate(zip(smp.tolist(), pos.tolist())):
+        cells: list[tuple[int, int, int, int]] = []
+        for p in row:
+            if p < 0:
+                continue
+            local = int(ids[s, p]) - binding.vrt_base
+            if 0 <= local < int(limit[s]):
+                cells.append(binding.patch_of(s, local))
+        if not cells:
+            continue
+        image, frame = cells[0][:2]
+        same = [(r, c) for i, f, r, c in cells if i == image and f == frame]
+        cluster, rest = [same[0]], same[1:]
+        grew = True
+        while grew:
+            near = [c for c in rest if any(_adjacent(c, d) for d in cluster)]
+            grew = bool(near)
+            cluster += near
+            rest = [c for c in rest if c not in near]
+        _, gh, gw = binding.grids[image].tolist()
+        rows, cols = [c[0] for c in cluster], [c[1] for c in cluster]
+        x0, x1 = min(cols) / gw, (max(cols) + 1) / gw
+        y0, y1 = min(rows) / gh, (max(rows) + 1) / gh
+        boxes[q] = torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0])
+    return boxes
+
+
+def _adjacent(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return abs(a[0] - b[0]) <= 1 and abs(a[1] - b[1]) <= 1
