@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from tests.test_grammar_fixtures import offline_tokenizer
 from trp.grammar import (
+    ForcedPrefixLogitsProcessor,
     TokenVocab,
     TRPLogitsProcessor,
+    TRPParseError,
     encode_text,
     parse_ids,
     route_targets,
@@ -135,3 +139,346 @@ def test_processor_rejects_bad_input() -> None:
         proc(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, len(tok)))
     with pytest.raises(ValueError, match="rows"):
         proc(torch.zeros(3, 3, dtype=torch.long), torch.zeros(3, len(tok) + 8))
+
+
+# ---------------------------------------------------------------------------- fast tables
+def _allowed(proc: TRPLogitsProcessor, state, budget: float = float("inf")) -> tuple[set, bool]:
+    """Text ids a state allows at a budget (from the processor's cached tables) and VRTs."""
+    rm = proc.tables.entry(state, proc.tokenizer).mask(budget, proc.table)
+    ids = set(rm.ids.tolist())
+    return (set(range(proc.table.size)) - ids if rm.deny else ids), rm.vrt
+
+
+def _brute_force(proc: TRPLogitsProcessor, state) -> dict[int, int]:
+    """Reference: every token of the vocabulary probed with the scanner (cost, -1 refused)."""
+    table = proc.table
+    tags = set(table.tags)
+    out = {}
+    for i, piece in enumerate(table.vocab.pieces):
+        if i in tags or bool(table.ordinary[i]):
+            out[i] = proc.tables.probe(
+                state, piece, ordinary=i not in tags, tokenizer=proc.tokenizer
+            )
+    return out
+
+
+def _walk_states(proc: TRPLogitsProcessor, tok, seed: int, steps: int = 40) -> list:
+    """States met teacher-forcing corpus answers and on random walks over allowed tokens (biased
+    towards tags and '<' pieces, so partial tags and literals get visited)."""
+    from tests.test_grammar_fixtures import corpus
+
+    rng = random.Random(seed)
+    vocab = proc.vocab
+    states = []
+    start = proc._initial[True]
+    for text in rng.sample(corpus(40, seed), 12):
+        s = start
+        for i in encode_text(tok, text, vrt_base=vocab.vrt_base):
+            states.append(s)
+            try:
+                s = s.feed(vocab.piece(i))
+            except TRPParseError:  # the corpus has questions too: keep their valid prefix
+                break
+        states.append(s)
+    weird = [i for i in range(proc.table.size) if "<" in vocab.pieces[i] or i in proc.table.tags]
+    for _ in range(6):
+        s = start
+        for _ in range(steps):
+            states.append(s)
+            allowed, vrt = _allowed(proc, s)
+            allowed -= set(proc.eos)
+            pick = sorted(allowed & set(weird)) if rng.random() < 0.5 else []
+            pool = pick or sorted(allowed)
+            if vrt and rng.random() < 0.3:
+                s = s.feed(vocab.piece(vocab.vrt_base + rng.randrange(NUM_VRT)))
+                continue
+            if not pool:
+                break
+            s = s.feed(vocab.piece(rng.choice(pool)))
+    unique = {}
+    for s in states:
+        unique.setdefault(s.key, s)
+    return list(unique.values())
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordlevel", "qwen2_5_vl"])
+def test_cached_masks_equal_a_full_vocabulary_scan(kind: str) -> None:
+    from tests.test_grammar_fixtures import host_tokenizer
+
+    tok = host_tokenizer(kind) if kind == "qwen2_5_vl" else offline_tokenizer(kind)
+    mask = torch.ones(1, NUM_VRT, dtype=torch.bool)
+    proc = TRPLogitsProcessor(tokenizer=tok, eos_token_id=tok.eos_token_id, vrt_mask=mask)
+    states = _walk_states(proc, tok, seed=len(kind))
+    assert len(states) > 40
+    modes = set()
+    for s in states:
+        ref = _brute_force(proc, s)
+        f = s.follow()
+        modes.add((f.text, bool(f.pending)))
+        for budget in (float("inf"), 1, 2, 3, 5, 8, 13):
+            if f.text == "name" and budget != float("inf"):
+                continue  # class names price their completion with a margin of one token
+            allowed, _ = _allowed(proc, s, budget)
+            want = {i for i, c in ref.items() if 0 <= c <= budget - 1}
+            if f.accepting:
+                want |= set(proc.eos)
+            assert allowed == want, (s.text, budget, sorted(allowed ^ want)[:10])
+    # The walk met free text, phrases, literals, pending partial tags and target lists.
+    assert {
+        ("body", False),
+        ("body", True),
+        ("phrase", False),
+        (None, False),
+        (None, True),
+    } <= modes
+
+
+def test_follow_says_what_may_come_next() -> None:
+    from trp.grammar.scanner import initial_state
+
+    s = initial_state(strict=True, units=("box", "mask"))
+    f = s.follow()
+    assert (f.text, f.tags, f.accepting) == ("body", ("<Phrase>", "<Task>"), True)
+    s = s.feed("A <Phrase>dog")
+    assert s.follow().tags == ("</Phrase>",)
+    s = s.feed("</Phrase>(<Unit>")
+    assert s.follow().literals == ("box</Unit>", "mask</Unit>")
+    s2 = s.feed("box</Unit><|VRT_3|><|VRT_5|>")
+    f = s2.follow()
+    assert (f.literals, f.vrt, f.run, f.accepting) == ((")", "[1]<REF>", ", "), True, (3, 5), False)
+    assert s2.feed(", [").follow().pending == "["
+    # Values: feeding never changes the state it started from.
+    assert s.follow().literals == ("box</Unit>", "mask</Unit>")
+    assert s2.completion() == ")"
+    with pytest.raises(ValueError, match="strict"):
+        initial_state(strict=False, units=("box",)).follow()
+
+
+# ---------------------------------------------------------------------------- host tokens
+class _Towards(LogitsProcessor):
+    """A large bonus for some ids: an untrained model then wants exactly those tokens."""
+
+    def __init__(self, ids: list[int], bonus: float = 50.0) -> None:
+        self.ids, self.bonus = ids, bonus
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        scores[:, self.ids] += self.bonus
+        return scores
+
+
+@pytest.mark.parametrize("host", ["qwen2_5_vl", "llava"])
+def test_host_special_tokens_are_never_allowed(host: str) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.test_grammar_fixtures import LLAVA_SPECIALS, QWEN2_5_VL_SPECIALS, host_tokenizer
+
+    tok = host_tokenizer(host)
+    names = QWEN2_5_VL_SPECIALS if host == "qwen2_5_vl" else LLAVA_SPECIALS
+    vocab_ids = tok.get_vocab()
+    host_ids = {vocab_ids[t] for t in names} | {vocab_ids["[VPT]"]}
+    host_ids |= {int(i) for i in tok.added_tokens_decoder} - set(trp_token_ids(tok).values())
+    eos = tok.eos_token_id
+    mask = torch.ones(2, NUM_VRT, dtype=torch.bool)
+    proc = TRPLogitsProcessor(tokenizer=tok, eos_token_id=eos, vrt_mask=mask)
+    for s in _walk_states(proc, tok, seed=7):
+        allowed, _ = _allowed(proc, s, 30)
+        assert not (allowed & (host_ids - {eos})), s.text
+        assert (eos in allowed) == s.accepting
+    # An untrained model pushed hard towards the host tokens still never emits one.
+    vocab = proc.vocab
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=vocab.vrt_base + NUM_VRT,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).eval()
+    prompt = torch.tensor([encode_text(tok, "find the dog")] * 2)
+    proc = TRPLogitsProcessor(
+        tokenizer=tok, eos_token_id=eos, vrt_mask=mask, vocab=vocab, max_new_tokens=24
+    )
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=24,
+        do_sample=True,
+        logits_processor=LogitsProcessorList([_Towards(sorted(host_ids - {eos})), proc]),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=eos,
+    )
+    gen = out[:, prompt.shape[1] :]
+    for row in gen.tolist():
+        body = row[: row.index(eos)] if eos in row else row
+        assert not set(body) & host_ids
+        parse_ids(body, vocab=vocab)
+
+
+# ---------------------------------------------------------------------------- generate modes
+def _tiny_model(vocab: TokenVocab, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=vocab.vrt_base + NUM_VRT,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).eval()
+
+
+def _left_padded(tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = [encode_text(tok, t) for t in texts]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+    attention = torch.zeros(len(ids), width, dtype=torch.long)
+    for r, row in enumerate(ids):
+        input_ids[r, width - len(row) :] = torch.tensor(row)
+        attention[r, width - len(row) :] = 1
+    return input_ids, attention
+
+
+def _check_rows(gen: torch.Tensor, vocab: TokenVocab, mask: torch.Tensor, eos: int) -> int:
+    """Every row parses strictly; VRTs are the sample's own, unrepeated; returns #triplets."""
+    per = gen.shape[0] // mask.shape[0]
+    n = 0
+    for r, row in enumerate(gen.tolist()):
+        body = row[: row.index(eos)] if eos in row else row
+        result = parse_ids(body, vocab=vocab)
+        n += len(result.triplets)
+        own = set(mask[r // per].nonzero().flatten().tolist())
+        for t in result.triplets:
+            for target in t.targets:
+                if target.kind == "vrt":
+                    assert set(target.patches) <= own
+                    assert len(set(target.patches)) == len(target.patches)
+    return n
+
+
+@pytest.mark.parametrize(
+    "mode",
+    ["greedy", "sampling", "beams", "return_sequences", "beams_return_sequences"],
+)
+def test_every_generate_mode_parses(mode: str) -> None:
+    tok = offline_tokenizer("bpe")
+    vocab = TokenVocab.from_tokenizer(tok)
+    model = _tiny_model(vocab, seed=4)
+    prompts = ["find the dogs", "<|im_start|>user\nwhere is the red car on the left?<|im_end|>\n"]
+    input_ids, attention = _left_padded(tok, prompts)  # left padding: prompts of two lengths
+    mask = torch.zeros(2, NUM_VRT, dtype=torch.bool)
+    mask[0, :4] = True
+    mask[1, 8:] = True
+    budget = 30
+    kwargs = {
+        "greedy": {},
+        "sampling": {"do_sample": True},
+        "beams": {"num_beams": 3},
+        "return_sequences": {"do_sample": True, "num_return_sequences": 3},
+        "beams_return_sequences": {"num_beams": 3, "num_return_sequences": 2},
+    }[mode]
+    torch.manual_seed(1)
+    proc = TRPLogitsProcessor(
+        tokenizer=tok,
+        eos_token_id=tok.eos_token_id,
+        vrt_mask=mask,
+        vocab=vocab,
+        max_new_tokens=budget,
+    )
+    bias = _Bias(list(trp_token_ids(tok).values()), vocab.vrt_base)
+    out = model.generate(
+        input_ids,
+        attention_mask=attention,
+        max_new_tokens=budget,
+        logits_processor=LogitsProcessorList([bias, proc]),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        **kwargs,
+    )
+    rows = 2 * kwargs.get("num_return_sequences", 1)
+    assert out.shape[0] == rows
+    assert _check_rows(out[:, input_ids.shape[1] :], vocab, mask, tok.eos_token_id) > 0
+
+
+def test_rows_must_divide_into_samples_and_tables_are_reused() -> None:
+    tok = offline_tokenizer("bpe")
+    mask = torch.ones(2, NUM_VRT, dtype=torch.bool)
+    first = TRPLogitsProcessor(tokenizer=tok, eos_token_id=tok.eos_token_id, vrt_mask=mask)
+    answer = "<Phrase>the dog</Phrase>(<Unit>box</Unit>[0]<REF>)."
+    cached = first.warm([answer])
+    assert cached > 5
+    second = TRPLogitsProcessor(tokenizer=tok, eos_token_id=tok.eos_token_id, vrt_mask=mask)
+    # Same token table and state tables: a second call starts warm.
+    assert second.table is first.table
+    assert second.tables is first.tables
+    assert second.warm([answer]) == cached
+    ids = torch.tensor([encode_text(tok, answer)] * 2)
+    scores = torch.zeros(2, len(tok) + NUM_VRT)
+    out = second(ids[:, :1], scores)
+    assert torch.isfinite(out).any(dim=1).all()
+    with pytest.raises(ValueError, match="rows"):
+        second(torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, len(tok) + NUM_VRT))
+
+
+# ---------------------------------------------------------------------------- forced prefix
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"num_beams": 2}, {"do_sample": True, "num_return_sequences": 2}]
+)
+def test_forced_prefix_is_emitted_verbatim(kwargs: dict) -> None:
+    tok = offline_tokenizer("bpe")
+    vocab = TokenVocab.from_tokenizer(tok)
+    model = _tiny_model(vocab, seed=5)
+    input_ids, attention = _left_padded(tok, ["find it", "where is the red car?"])
+    prefixes = [
+        encode_text(tok, "<Phrase>the dog</Phrase>(<Unit>box</Unit>"),
+        encode_text(tok, "A <Phrase>red car</Phrase>(<Unit>mask</Unit>"),
+    ]
+    mask = torch.ones(2, NUM_VRT, dtype=torch.bool)
+    budget = 24
+    proc = TRPLogitsProcessor(
+        tokenizer=tok,
+        eos_token_id=tok.eos_token_id,
+        vrt_mask=mask,
+        vocab=vocab,
+        max_new_tokens=budget,
+    )
+    forced = ForcedPrefixLogitsProcessor(prefixes, prompt_len=input_ids.shape[1])
+    torch.manual_seed(0)
+    out = model.generate(
+        input_ids,
+        attention_mask=attention,
+        max_new_tokens=budget,
+        logits_processor=LogitsProcessorList([proc, forced]),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        **kwargs,
+    )
+    gen = out[:, input_ids.shape[1] :]
+    per = gen.shape[0] // 2
+    for r, row in enumerate(gen.tolist()):
+        prefix = prefixes[r // per]
+        assert row[: len(prefix)] == prefix
+    # Every answer parses and completes the forced triplet (a cut one still parses).
+    assert _check_rows(gen, vocab, mask, tok.eos_token_id) >= gen.shape[0]
+
+
+def test_forced_prefix_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="one token list"):
+        ForcedPrefixLogitsProcessor([])
+    proc = ForcedPrefixLogitsProcessor([[5, 6], [7]], prompt_len=2)
+    scores = torch.zeros(4, 10)
+    out = proc(torch.zeros(4, 2, dtype=torch.long), scores)
+    assert out.argmax(1).tolist() == [5, 5, 7, 7]
+    assert torch.isinf(out).sum() == 4 * 9
+    out = proc(torch.zeros(4, 3, dtype=torch.long), scores)
+    assert out[2:].eq(0).all() and torch.isinf(out[:2]).sum() == 2 * 9  # sample 1 is done
+    assert proc(torch.zeros(4, 4, dtype=torch.long), scores) is scores
+    with pytest.raises(ValueError, match="rows"):
+        proc(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 10))

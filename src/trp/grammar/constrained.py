@@ -302,7 +302,10 @@ class _StateTables:
             # be the start of a literal the completion can finish.
             if follow.text is None and not any(c.startswith(pend) for c in follow.literals):
                 return -1
-        comp = self.completion(after)
+        try:
+            comp = self.completion(after)
+        except (TRPParseError, RuntimeError):
+            return -1  # no way to finish is known from here: do not go there
         if ordinary and "<" in pend:
             # Nor may a text piece start a tag that only text pieces could finish.
             m = _GRAMMAR_TAG.search(pend + comp)

@@ -783,7 +783,8 @@ class Machine:
             # then one token rather than the tail of a spelled-out one.
             return PHRASE_CLOSE if len(self.text) > self.c_start else "x" + PHRASE_CLOSE
         if mode == TASK_NAME:
-            if len(self.text) == self.name_start:
+            if self.pos == self.name_start:
+                # Nothing of the name is decided (a pending " Unit" may still become name text).
                 return "x" + ENTRY_UNIT
             return _rest(ENTRY_UNIT, pend)
         if mode == TASK_NUM:
