@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export CUDA_HOME ?= /usr/local/cuda
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 export MAX_JOBS ?= 2
 # 1: benchmarks in CI mode (few sizes, short timing)
 QUICK ?=
@@ -13,7 +13,7 @@ CSRC := $(shell find src/trp/csrc -name '*.h' -o -name '*.cuh' -o -name '*.cpp' 
 INSTALLED := $(VENV)/.trp-installed
 EXTENSION := build/.trp-extension
 
-.PHONY: setup build demo test lint bench clean
+.PHONY: setup build demo test lint bench clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,3 +52,10 @@ bench: setup
 
 clean:
 	rm -rf build src/trp/*.so
+
+# On a GPU machine, with its own interpreter (no .venv, no network): builds trp._C in place with
+# the CUDA kernels for that GPU, runs tests/test_cuda.py, the benchmarks on the GPU and
+# compute-sanitizer; writes gpu_check_report.{md,json} to $OUT or outputs/. Without a GPU it
+# says so and fails. GPU_CHECK_ARGS: e.g. --skip-build, --arch 9.0.
+gpu-check:
+	$(PYTHON) tools/gpu_check.py $(GPU_CHECK_ARGS)

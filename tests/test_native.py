@@ -82,3 +82,91 @@ def test_import_trp_registers_the_ops():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "generalized_box_iou" in out.stdout
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@requires_native
+def test_every_op_has_autocast_kernels():
+    # The autocast contract: no caller casts or disables autocast around a trp op.
+    ops = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("trp::")]
+    assert ops
+    for key in ("AutocastCPU", "AutocastCUDA"):
+        missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(op, key)]
+        assert not missing, f"ops without an {key} kernel: {missing}"
+
+
+@requires_native
+def test_autocast_kernel_casts_to_float32_and_keeps_float64(gen):
+    b1, b2 = random_boxes(5, generator=gen), random_boxes(3, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # mixed float32 / bfloat16 boxes: both cast to float32, the result float32
+        out = torch.ops.trp.box_iou(b1.float(), b2.bfloat16())
+        exact = torch.ops.trp.box_iou(b1, b2)  # float64 is left alone
+    assert out.dtype == torch.float32 and exact.dtype == torch.float64
+    want = torch.ops.trp.box_iou(b1.float(), b2.bfloat16().float())
+    torch.testing.assert_close(out, want)
+
+
+def test_cuda_arch_list_carries_ptx():
+    # Without PTX a GPU newer than the last listed architecture finds no kernel image.
+    for path, prefix in (
+        ("Makefile", "export TORCH_CUDA_ARCH_LIST ?="),
+        (os.path.join(".ci", "run"), "export TORCH_CUDA_ARCH_LIST="),
+    ):
+        with open(os.path.join(ROOT, path)) as f:
+            lines = [ln for ln in f if ln.startswith(prefix)]
+        assert len(lines) == 1, path
+        archs = lines[0].split("=", 1)[1].strip().strip('"').split(";")
+        assert archs[-1].endswith("+PTX"), (path, archs)
+
+
+def test_gpu_check_without_a_device_says_so_and_fails(tmp_path):
+    # CUDA_VISIBLE_DEVICES="" hides any GPU, so this holds on a GPU machine too.
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OUT=str(tmp_path))
+    out = subprocess.run(
+        ["make", "-s", "--no-print-directory", "gpu-check", f"PYTHON={sys.executable}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert "no CUDA device is present" in out.stderr
+    report = (tmp_path / "gpu_check_report.md").read_text()
+    assert "FAILED" in report and "no CUDA device is present" in report
+    assert '"passed": false' in (tmp_path / "gpu_check_report.json").read_text()
+    # The script itself exits with its own status for "no device".
+    direct = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "gpu_check.py"),
+            "--report-dir",
+            str(tmp_path / "direct"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert direct.returncode == 2 and "no CUDA device is present" in direct.stderr
+
+
+def test_test_cuda_imports_without_hydra_or_pytest():
+    # The GPU machine has no Hydra, no pycocotools and maybe no pytest.
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'hydra', 'omegaconf', 'pycocotools', 'pytest'}:\n"
+        "            raise ImportError(f'blocked {name}')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import tests.test_cuda as t\n"
+        "print(t.pytest, len([n for n in vars(t) if n.startswith('test_')]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("None ")
