@@ -1,40 +1,53 @@
-"""trp.models: reference compositions — a tiny VLM from a timm ViT and a transformers causal LM,
-answering in TRP with VRT or ``<REF>`` targets decoded by unit heads.
+"""trp.models: the one model class and the reference VLM.
 
-Everything builds offline: models from configs (random init) or local weights, the tokenizer
-trained on the task's corpus (:func:`train_tokenizer`) or loaded from a local directory.
+:class:`TRPForConditionalGeneration` wraps a host VLM (a Hugging Face ``PreTrainedModel``) with
+VRT binding, routed decoder heads and generation through the host's own ``generate``;
+:class:`ReferenceVLMForConditionalGeneration` is the small reference host (timm ViT + Qwen2 LM)
+the offline recipes train. Everything builds offline: models from configs (random init) or
+local weights, the tokenizer trained on the task's corpus (:func:`train_tokenizer`) or loaded
+from a local directory.
 """
 
 from trp.models.build import (
     HEAD_IMPLS,
     build_head,
-    build_language_model,
+    build_model,
+    build_model_from_saved,
     build_tokenizer,
-    build_vision_encoder,
-    build_vlm,
 )
 from trp.models.fine_stem import ConvStem, StemDownsample
-from trp.models.light_heads import LightBoxHead, LightMaskHead, MaskReadout
+from trp.models.reference_vlm import (
+    ImageEncoding,
+    ReferenceVLMConfig,
+    ReferenceVLMForConditionalGeneration,
+    build_vision_encoder,
+)
 from trp.models.tokenizer import CHAT_TOKENS, load_tokenizer, save_tokenizer, train_tokenizer
-from trp.models.vlm import Generation, ReferringVLM, TargetQueries
+from trp.models.trp_model import (
+    TRPForConditionalGeneration,
+    TRPGeneration,
+    TRPOutput,
+    shift_positions,
+)
 
 __all__ = [
     "CHAT_TOKENS",
-    "ConvStem",
-    "StemDownsample",
     "HEAD_IMPLS",
-    "Generation",
-    "LightBoxHead",
-    "LightMaskHead",
-    "MaskReadout",
-    "ReferringVLM",
-    "TargetQueries",
+    "ConvStem",
+    "ImageEncoding",
+    "ReferenceVLMConfig",
+    "ReferenceVLMForConditionalGeneration",
+    "StemDownsample",
+    "TRPForConditionalGeneration",
+    "TRPGeneration",
+    "TRPOutput",
     "build_head",
-    "build_language_model",
+    "build_model",
+    "build_model_from_saved",
     "build_tokenizer",
     "build_vision_encoder",
-    "build_vlm",
     "load_tokenizer",
     "save_tokenizer",
+    "shift_positions",
     "train_tokenizer",
 ]

@@ -1,4 +1,4 @@
-"""Builders of the reference VLM's parts from plain config mappings (Hydra / OmegaConf or dicts).
+"""Builders of the reference model from plain config mappings (Hydra / OmegaConf or dicts).
 
 Everything is built offline: the vision encoder and the LM from configs with random init, or
 from local weights; the tokenizer trained on the task's corpus or loaded from a local directory.
@@ -6,7 +6,6 @@ from local weights; the tokenizer trained on the task's corpus or loaded from a 
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -15,150 +14,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from trp.grammar import resize_embeddings
+from transformers import Qwen2Config
+
 from trp.heads import BoxHead, MaskHead
-from trp.models.fine_stem import ConvStem, StemDownsample
-from trp.models.light_heads import LightBoxHead, LightMaskHead
+from trp.models.reference_vlm import (
+    ReferenceVLMConfig,
+    ReferenceVLMForConditionalGeneration,
+)
 from trp.models.tokenizer import load_tokenizer, train_tokenizer
-from trp.models.vlm import ReferringVLM
+from trp.models.trp_model import TRPForConditionalGeneration
+from trp.vrt import VRTCausalLM
 
 __all__ = [
     "HEAD_IMPLS",
     "build_head",
-    "build_language_model",
+    "build_model",
+    "build_model_from_saved",
     "build_tokenizer",
-    "build_vision_encoder",
-    "build_vlm",
 ]
 
 
 def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
     return cfg[key] if key in cfg and cfg[key] is not None else default
-
-
-def build_vision_encoder(
-    cfg: Mapping[str, Any],
-    *,
-    image_size: int,
-    patch_size: int,
-    stem: ConvStem | StemDownsample | None = None,
-) -> nn.Module:
-    """A timm ViT without classifier: ``timm.create_model(name, pretrained=False, ...)``.
-
-    ``cfg``: ``name`` (timm architecture), ``embed_dim``, ``depth``, ``num_heads``, optional
-    ``weights`` (a local ``.safetensors`` / ``.pth`` state dict; never downloaded) and
-    ``fused_attn`` (default true: scaled-dot-product attention kernels).
-
-    With a ``stem`` (a :class:`ConvStem`, stride 4, or a :class:`StemDownsample`) the patch
-    embedding is timm's ``HybridEmbed`` over it: a convolutional stem instead of one linear map
-    per patch ("Early Convolutions Help Transformers See Better", Xiao et al. 2021), which
-    learns shapes far sooner from scratch.
-    """
-    import timm
-
-    if image_size % patch_size:
-        raise ValueError(f"image_size={image_size} must be divisible by patch_size={patch_size}")
-    extra: dict[str, Any] = {}
-    if stem is not None:
-        if patch_size % stem.stride:
-            raise ValueError(
-                f"patch_size={patch_size} must be divisible by the stem stride {stem.stride}"
-            )
-        extra["embed_layer"] = functools.partial(_stem_embed, stem=stem)
-    model = timm.create_model(
-        cfg["name"],
-        pretrained=False,
-        img_size=image_size,
-        patch_size=patch_size,
-        embed_dim=int(cfg["embed_dim"]),
-        depth=int(cfg["depth"]),
-        num_heads=int(cfg["num_heads"]),
-        num_classes=0,
-        **extra,
-    )
-    weights = _get(cfg, "weights")
-    if weights is not None:
-        model.load_state_dict(_load_state_dict(weights), strict=False)
-    fused = bool(_get(cfg, "fused_attn", True))
-    for module in model.modules():
-        # timm's attention layers choose between F.scaled_dot_product_attention and the plain
-        # matmul-softmax path with this flag; on a CPU with short sequences the plain path's
-        # backward is the faster one.
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = fused
-    return model
-
-
-def _stem_embed(
-    *,
-    stem: ConvStem | StemDownsample,
-    img_size,
-    patch_size,
-    in_chans: int,
-    embed_dim: int,
-    **kwargs,
-):
-    """timm ``embed_layer`` factory: ``HybridEmbed`` over ``stem``, one token per
-    ``patch_size`` pixels (a ``patch_size / stride`` convolution on the stem's map)."""
-    from timm.layers import HybridEmbed, to_2tuple
-
-    img, patch = to_2tuple(img_size), to_2tuple(patch_size)
-    s = stem.stride
-    return HybridEmbed(
-        stem,
-        img_size=img,
-        patch_size=(patch[0] // s, patch[1] // s),
-        feature_size=(img[0] // s, img[1] // s),
-        feature_ratio=s,
-        in_chans=in_chans,
-        embed_dim=embed_dim,
-        **kwargs,
-    )
-
-
-def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def build_language_model(cfg: Mapping[str, Any], *, vocab_size: int) -> nn.Module:
-    """A causal LM: ``Qwen2ForCausalLM(Qwen2Config(...))`` from ``cfg`` or ``from_pretrained``.
-
-    ``cfg``: ``pretrained_dir`` (a local HF model directory) or ``hidden_size``,
-    ``intermediate_size``, ``num_layers``, ``num_heads``, ``num_kv_heads``, ``max_positions``,
-    ``tie_embeddings``; ``attn_implementation`` (``"sdpa"`` by default, or ``"eager"``).
-    """
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    attn = str(_get(cfg, "attn_implementation", "sdpa"))
-    if attn not in ("sdpa", "eager"):
-        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn!r}")
-    local = _get(cfg, "pretrained_dir")
-    if local is not None:
-        if not Path(local).is_dir():
-            raise FileNotFoundError(f"language model directory not found: {local}")
-        return AutoModelForCausalLM.from_pretrained(str(local), attn_implementation=attn)
-    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_heads"])
-    if hidden % heads:
-        raise ValueError(f"hidden_size={hidden} must be divisible by num_heads={heads}")
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=int(cfg["intermediate_size"]),
-        num_hidden_layers=int(cfg["num_layers"]),
-        num_attention_heads=heads,
-        num_key_value_heads=int(_get(cfg, "num_kv_heads", heads)),
-        max_position_embeddings=int(_get(cfg, "max_positions", 512)),
-        tie_word_embeddings=bool(_get(cfg, "tie_embeddings", True)),
-        attn_implementation=attn,
-    )
-    return Qwen2ForCausalLM(config)
 
 
 def build_tokenizer(cfg: Mapping[str, Any], corpus: Iterable[str] | None = None):
@@ -172,9 +49,16 @@ def build_tokenizer(cfg: Mapping[str, Any], corpus: Iterable[str] | None = None)
     return train_tokenizer(corpus, vocab_size=int(_get(cfg, "vocab_size", 1000)))
 
 
-HEAD_IMPLS: dict[str, dict[str, type[nn.Module]]] = {
-    "box": {"light": LightBoxHead, "deformable": BoxHead},
-    "mask": {"light": LightMaskHead, "two_way": MaskHead},
+# impl -> the trp.heads class and the decoder settings that name stands for.
+HEAD_IMPLS: dict[str, dict[str, tuple[type[nn.Module], dict[str, str]]]] = {
+    "box": {
+        "light": (BoxHead, {"decoder": "light", "cross_attention": "dense"}),
+        "deformable": (BoxHead, {"decoder": "detr", "cross_attention": "deformable"}),
+    },
+    "mask": {
+        "light": (MaskHead, {"decoder": "light", "cross_attention": "dense"}),
+        "two_way": (MaskHead, {"decoder": "two_way"}),
+    },
 }
 
 
@@ -186,15 +70,17 @@ def build_head(
     in_channels: list[int],
     fine_channels: int = 0,
 ) -> nn.Module:
-    """The head of ``unit`` from ``cfg`` (``impl`` plus the head's keyword arguments);
-    ``fine_channels`` (of the model's fine stem) goes to heads that read fine features."""
+    """The head of ``unit`` from ``cfg`` (``impl`` plus the head's keyword arguments, which may
+    override the impl's decoder settings); ``fine_channels`` (of the model's fine stem) goes to
+    the light heads, which read fine features."""
     if unit not in HEAD_IMPLS:
         raise ValueError(f"no head for unit {unit!r}; known: {sorted(HEAD_IMPLS)}")
     kwargs = dict(cfg)
     impl = kwargs.pop("impl", "light")
     if impl not in HEAD_IMPLS[unit]:
         raise ValueError(f"unknown {unit} head impl {impl!r}; known: {sorted(HEAD_IMPLS[unit])}")
-    cls = HEAD_IMPLS[unit][impl]
+    cls, preset = HEAD_IMPLS[unit][impl]
+    kwargs = {**preset, **kwargs}
     accepted = inspect.signature(cls).parameters
     unknown = sorted(k for k in kwargs if k not in accepted)
     if unknown:
@@ -202,63 +88,121 @@ def build_head(
             f"model.heads.{unit}: {cls.__name__} ({impl!r}) takes no {unknown}; "
             "switching impl needs that head's own settings (e.g. model=tiny_vlm_deformable)"
         )
-    if fine_channels and "fine_channels" in accepted:
+    if fine_channels and kwargs.get("decoder") == "light":
         kwargs["fine_channels"] = fine_channels
     return cls(in_dim=in_dim, in_channels=in_channels, **kwargs)
 
 
-def build_vlm(cfg: Mapping[str, Any], *, tokenizer) -> ReferringVLM:
-    """The reference :class:`ReferringVLM` from a ``model`` config and a tokenizer.
+def build_model(cfg: Mapping[str, Any], *, tokenizer) -> TRPForConditionalGeneration:
+    """The reference model of a ``model`` config: a
+    :class:`ReferenceVLMForConditionalGeneration` host (timm ViT + Qwen2 LM, random init)
+    wrapped in :class:`TRPForConditionalGeneration` with the configured heads.
 
-    ``cfg``: ``image_size``, ``patch_size``, ``vision``, ``language``, ``heads`` (unit -> head
-    config), ``prototype_rank``, ``prototype_zero_init``, ``vrt_query_shift``,
-    ``detach_queries``, ``contextual_vrt`` and ``fine_channels`` (> 0: a :class:`ConvStem` of
-    that width feeds stride-4 features to the heads that read them, and with
-    ``vision.conv_stem`` also replaces the ViT's patch embedding).
+    ``cfg``: ``image_size``, ``patch_size``, ``vision`` (timm settings and optional local
+    ``weights``), ``language`` (Qwen2 sizes), ``heads`` (unit -> head config),
+    ``prototype_rank``, ``prototype_zero_init``, ``vrt_query_shift``, ``detach_queries``,
+    ``contextual_vrt``, ``route`` and ``fine_channels`` (> 0: a stride-4 ConvStem feeds the
+    heads' pixel readouts and, with ``vision.conv_stem``, the ViT).
     """
-    image_size, patch_size = int(cfg["image_size"]), int(cfg["patch_size"])
-    fine_channels = int(_get(cfg, "fine_channels", 0))
-    if fine_channels < 0:
-        raise ValueError(f"fine_channels must be >= 0, got {fine_channels}")
-    stem = ConvStem(fine_channels) if fine_channels else None
-    conv_stem = bool(_get(cfg["vision"], "conv_stem", False))
-    if conv_stem and stem is None:
-        raise ValueError("vision.conv_stem needs a stem: set fine_channels > 0")
-    downsample = int(_get(cfg["vision"], "stem_downsample", 0))
-    if downsample < 0 or (downsample and not conv_stem):
+    language = dict(cfg["language"])
+    if language.get("pretrained_dir") is not None:
         raise ValueError(
-            f"vision.stem_downsample must be >= 0 and needs vision.conv_stem, got {downsample}"
+            "model.language.pretrained_dir: the reference VLM builds its LM from the sizes; "
+            "fine-tune a local Hugging Face VLM with model=hf_vlm model.pretrained_dir=DIR"
         )
-    vit_stem = StemDownsample(stem, downsample) if downsample else stem
-    vision = build_vision_encoder(
-        cfg["vision"],
-        image_size=image_size,
-        patch_size=patch_size,
-        stem=vit_stem if conv_stem else None,
+    hidden, heads = int(language["hidden_size"]), int(language["num_heads"])
+    if hidden % heads:
+        raise ValueError(f"hidden_size={hidden} must be divisible by num_heads={heads}")
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=int(language["intermediate_size"]),
+        num_hidden_layers=int(language["num_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_get(language, "num_kv_heads", heads)),
+        max_position_embeddings=int(_get(language, "max_positions", 512)),
+        tie_word_embeddings=bool(_get(language, "tie_embeddings", True)),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        attn_implementation=str(_get(language, "attn_implementation", "sdpa")),
     )
-    language = build_language_model(cfg["language"], vocab_size=len(tokenizer))
-    resize_embeddings(language, tokenizer)
-    width = int(language.config.hidden_size)
-    vision_dim = int(cfg["vision"]["embed_dim"])
+    vision = {k: v for k, v in dict(cfg["vision"]).items() if k != "weights"}
+    fine_channels = int(_get(cfg, "fine_channels", 0))
+    config = ReferenceVLMConfig(
+        vision=vision,
+        text_config=text,
+        image_size=int(cfg["image_size"]),
+        patch_size=int(cfg["patch_size"]),
+        fine_channels=fine_channels,
+        image_token_id=int(tokenizer.convert_tokens_to_ids("<image>")),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vlm = ReferenceVLMForConditionalGeneration(config)
+    weights = _get(cfg["vision"], "weights")
+    if weights is not None:
+        _load_vision_weights(vlm.vision, weights)
+    return _compose(vlm, tokenizer, cfg, fine_channels=fine_channels)
+
+
+def _compose(vlm, tokenizer, cfg: Mapping[str, Any], *, fine_channels: int):
+    width = int(vlm.get_input_embeddings().weight.shape[1])
     heads = {
         unit: build_head(
-            unit, head_cfg, in_dim=width, in_channels=[vision_dim], fine_channels=fine_channels
+            unit, head_cfg, in_dim=width, in_channels=[vlm.vision_dim], fine_channels=fine_channels
         )
         for unit, head_cfg in cfg["heads"].items()
     }
-    grid = image_size // patch_size
-    return ReferringVLM(
-        vision=vision,
-        language=language,
+    return TRPForConditionalGeneration(
+        vlm=vlm,
         tokenizer=tokenizer,
         heads=heads,
-        grid=(grid, grid),
-        image_size=(image_size, image_size),
-        vision_dim=vision_dim,
         prototype_rank=int(_get(cfg, "prototype_rank", 64)),
         prototype_zero_init=bool(_get(cfg, "prototype_zero_init", True)),
-        detach_queries=bool(_get(cfg, "detach_queries", False)),
-        vrt_query_shift=int(_get(cfg, "vrt_query_shift", 1)),
-        fine_stem=stem,
         contextual_vrt=bool(_get(cfg, "contextual_vrt", False)),
+        vrt_query_shift=int(_get(cfg, "vrt_query_shift", 1)),
+        detach_queries=bool(_get(cfg, "detach_queries", False)),
+        route=str(_get(cfg, "route", "all")),
+        config={"model": dict(cfg), "host": type(vlm).__name__},
     )
+
+
+def _load_vision_weights(vision: nn.Module, path: str | Path) -> None:
+    """Load a local ViT state dict strictly: missing or unexpected keys name themselves."""
+    state = _load_state_dict(path)
+    result = vision.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"model.vision.weights={path}: missing keys {result.missing_keys[:8]}, "
+            f"unexpected keys {result.unexpected_keys[:8]}"
+        )
+
+
+def build_model_from_saved(directory: Path) -> TRPForConditionalGeneration:
+    """Rebuild a :meth:`TRPForConditionalGeneration.save_pretrained` directory (strict)."""
+    import json
+
+    from safetensors.torch import load_model
+
+    names = ("trp_config.json", "heads.safetensors", "tokenizer", "vlm")
+    missing = [n for n in names if not (directory / n).exists()]
+    if not directory.is_dir() or missing:
+        raise FileNotFoundError(
+            f"not a trp model directory: {directory} (missing {missing or 'the directory'})"
+        )
+    saved = json.loads((directory / "trp_config.json").read_text())
+    if saved.get("host") != ReferenceVLMForConditionalGeneration.__name__:
+        raise ValueError(f"{directory}: unknown host model {saved.get('host')!r}")
+    tokenizer = load_tokenizer(directory / "tokenizer")
+    vrt = VRTCausalLM.from_pretrained(
+        directory / "vlm", model_class=ReferenceVLMForConditionalGeneration
+    )
+    vlm = vrt.unwrap()
+    cfg = saved["model"]
+    model = _compose(vlm, tokenizer, cfg, fine_channels=int(_get(cfg, "fine_channels", 0)))
+    model.vrt.prototypes.load_state_dict(vrt.prototypes.state_dict())
+    if vrt.context is not None and model.vrt.context is not None:
+        model.vrt.context.load_state_dict(vrt.context.state_dict())
+    load_model(model.router, str(directory / "heads.safetensors"), strict=True)
+    model.eval()
+    return model

@@ -1,10 +1,10 @@
-"""Checkpoints as a directory: ``model.safetensors`` + ``config.yaml`` + ``tokenizer/``.
+"""Recipe checkpoints: the model's own ``save_pretrained`` directory plus the run's config.
 
-The weights are the model's state dict in safetensors (tied tensors, e.g. the LM's input
-embedding and LM head, are stored once by ``safetensors.torch.save_model``); the config is the
-resolved recipe config the model is rebuilt from; the tokenizer is saved with
-``save_pretrained``. :func:`load_checkpoint` rebuilds the model and loads the weights strictly,
-so a reloaded model gives identical predictions.
+:func:`save_checkpoint` writes :meth:`TRPForConditionalGeneration.save_pretrained` (host model,
+VRT modules and heads in safetensors, tokenizer, ``trp_config.json``) and ``config.yaml``, the
+resolved recipe config; :func:`load_checkpoint` loads the model strictly
+(:meth:`TRPForConditionalGeneration.from_pretrained`), so a reloaded model in a fresh process
+gives identical predictions.
 """
 
 from __future__ import annotations
@@ -14,36 +14,36 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from trp.models.build import build_vlm
-from trp.models.tokenizer import load_tokenizer, save_tokenizer
-from trp.models.vlm import ReferringVLM
+from trp.models.trp_model import TRPForConditionalGeneration
 
 __all__ = ["CHECKPOINT_FILES", "load_checkpoint", "save_checkpoint"]
 
-CHECKPOINT_FILES: tuple[str, ...] = ("model.safetensors", "config.yaml", "tokenizer")
+CHECKPOINT_FILES: tuple[str, ...] = (
+    "trp_config.json",
+    "heads.safetensors",
+    "tokenizer",
+    "vlm",
+    "config.yaml",
+)
 
 
-def save_checkpoint(model: ReferringVLM, cfg: DictConfig | dict, directory: str | Path) -> Path:
-    """Write ``model`` (weights + tokenizer) and ``cfg`` to ``directory``; returns it."""
-    from safetensors.torch import save_model
-
+def save_checkpoint(
+    model: TRPForConditionalGeneration, cfg: DictConfig | dict, directory: str | Path
+) -> Path:
+    """Write ``model`` and the recipe ``cfg`` to ``directory``; returns it."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(directory / "model.safetensors"))
+    model.save_pretrained(directory)
     conf = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     OmegaConf.save(conf, directory / "config.yaml", resolve=True)
-    save_tokenizer(model.tokenizer, directory / "tokenizer")
     return directory
 
 
-def load_checkpoint(directory: str | Path) -> tuple[ReferringVLM, DictConfig]:
-    """Rebuild the model of a :func:`save_checkpoint` directory; returns ``(model, cfg)``.
+def load_checkpoint(directory: str | Path) -> tuple[TRPForConditionalGeneration, DictConfig]:
+    """Load a :func:`save_checkpoint` directory; returns ``(model, cfg)``.
 
     Raises:
         FileNotFoundError: the directory or one of its files is missing.
     """
-    from safetensors.torch import load_model
-
     directory = Path(directory)
     missing = [f for f in CHECKPOINT_FILES if not (directory / f).exists()]
     if not directory.is_dir() or missing:
@@ -52,11 +52,4 @@ def load_checkpoint(directory: str | Path) -> tuple[ReferringVLM, DictConfig]:
             f"expected {list(CHECKPOINT_FILES)})"
         )
     cfg: Any = OmegaConf.load(directory / "config.yaml")
-    tokenizer = load_tokenizer(directory / "tokenizer")
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    # The safetensors file holds every weight: do not read the initial vision weights again.
-    model_cfg["vision"]["weights"] = None
-    model = build_vlm(model_cfg, tokenizer=tokenizer)
-    load_model(model, str(directory / "model.safetensors"), strict=True)
-    model.eval()
-    return model, cfg
+    return TRPForConditionalGeneration.from_pretrained(directory), cfg

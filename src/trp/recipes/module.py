@@ -1,4 +1,5 @@
-"""``ReferringModule``: the LightningModule that trains and evaluates a :class:`ReferringVLM`.
+"""``ReferringModule``: the LightningModule that trains and evaluates a
+:class:`trp.models.TRPForConditionalGeneration`.
 
 Training loss = token cross-entropy over the answer (text ⊕ the sample's own VRTs, with PaDT's
 robust exclusion of the object's other target patches, fused in
@@ -26,9 +27,8 @@ from torch.nn import functional as F
 from trp.heads import masks_to_boxes
 from trp.losses import BoxCriterion, MaskCriterion, box_cxcywh_to_xyxy, box_region_loss
 from trp.metrics import RECMetric, RESMetric
-from trp.models.vlm import ReferringVLM
-from trp.ops import vrt_linear_cross_entropy
-from trp.vrt import mask_coverage, robust_exclusions
+from trp.models.trp_model import TRPForConditionalGeneration, TRPOutput
+from trp.vrt import mask_coverage
 
 __all__ = ["ReferringModule", "WarmupCosine"]
 
@@ -69,7 +69,7 @@ class WarmupCosine:
 
 
 class ReferringModule(L.LightningModule):
-    """Lightning wrapper of a :class:`ReferringVLM`.
+    """Lightning wrapper of a :class:`TRPForConditionalGeneration`.
 
     Args:
         model: the VLM.
@@ -106,7 +106,7 @@ class ReferringModule(L.LightningModule):
     def __init__(
         self,
         *,
-        model: ReferringVLM,
+        model: TRPForConditionalGeneration,
         optim: Mapping[str, Any],
         loss: Mapping[str, Any],
         eval: Mapping[str, Any],
@@ -139,12 +139,12 @@ class ReferringModule(L.LightningModule):
             loss.get("patch_class_foreground", 0.0)
         )
         self.patch_probe = (
-            torch.nn.Linear(model.vision_dim, num_patch_classes)
+            torch.nn.Linear(model.vlm.vision_dim, num_patch_classes)
             if num_patch_classes > 0 and probe_weight > 0
             else None
         )
         self.referent_probe = (
-            torch.nn.Linear(int(model.language.config.hidden_size), 1)
+            torch.nn.Linear(int(model.text_weight.shape[1]), 1)
             if float(loss.get("patch_referent", 0.0)) > 0
             else None
         )
@@ -155,41 +155,9 @@ class ReferringModule(L.LightningModule):
         self._train_threads = torch.get_num_threads()
 
     # ------------------------------------------------------------------ training
-    def token_loss(self, out: dict, batch: dict) -> Tensor:
-        """Mean robust cross-entropy over the answer tokens (position t predicts label t + 1)."""
-        hidden = out["hidden"][:, :-1]  # B x L-1 x D
-        labels = batch["labels"][:, 1:]  # B x L-1
-        b, n = labels.shape
-        active = labels != -100
-        flat_labels = labels.reshape(-1)
-        base = self.model.vrt_base
-        # Label index of a sequence position p is p - 1 (the state before it predicts it).
-        objects = [
-            ([s * n + p - 1 for p in positions], patches)
-            for s, (positions, patches) in enumerate(batch["objects"])
-            if positions
-        ]
-        offsets, ids = robust_exclusions(flat_labels.cpu(), objects, vrt_base=base)
-        # Keep only the answer tokens: the loss is a mean over them and the rest is padding.
-        keep = active.reshape(-1).nonzero().flatten()
-        counts = offsets[1:] - offsets[:-1]
-        kept_counts = counts[keep.cpu()]
-        row_of_id = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-        kept_ids = ids[active.reshape(-1).cpu()[row_of_id]]
-        kept_offsets = torch.cat([kept_counts.new_zeros(1), kept_counts.cumsum(0)])
-        sample_index = torch.arange(b, device=labels.device).repeat_interleave(n)[keep]
-        binding = out["binding"]
-        dev = hidden.device
-        return vrt_linear_cross_entropy(
-            hidden.reshape(b * n, -1)[keep].float(),
-            self.model.lm_head.weight[:base].float(),
-            out["vrt_rows"].float(),
-            sample_index,
-            binding.sample_offsets.to(dev),
-            flat_labels[keep],
-            exclude_offsets=kept_offsets.to(dev),
-            exclude_ids=kept_ids.to(dev),
-        )
+    def token_loss(self, out: TRPOutput, batch: dict) -> Tensor:
+        """Mean robust cross-entropy over the answer tokens (:func:`trp.vrt.vrt_token_loss`)."""
+        return self.model.token_loss(out, batch["labels"], batch["objects"])
 
     def patch_class_loss(self, fmap: Tensor, batch: dict) -> Tensor:
         """``loss.patch_class`` x cross-entropy of the probe's label for every patch, plus
@@ -197,7 +165,7 @@ class ReferringModule(L.LightningModule):
         most patches are background, and the mean over all of them leaves telling the shapes
         apart a small share of the loss."""
         assert self.patch_probe is not None
-        logits = self.patch_probe(fmap.flatten(2).transpose(1, 2).float())  # B x N x K
+        logits = self.patch_probe(fmap.flatten(2).transpose(1, 2))  # B x N x K
         labels = batch["patch_classes"].to(logits.device)
         if int(labels.max()) >= logits.shape[-1]:
             raise ValueError(
@@ -218,66 +186,61 @@ class ReferringModule(L.LightningModule):
         """``loss.patch_referent`` x binary cross-entropy of the referent probe on the LM's last
         states at the ``<image>`` tokens against each patch's coverage by the target mask."""
         assert self.referent_probe is not None
-        states = self.model.image_states(
-            out["hidden"], batch["input_ids"], purpose="the patch_referent probe's states"
-        )
-        logits = self.referent_probe(states.float())[..., 0]  # B x N
+        ids = batch["input_ids"]
+        is_image = ids == self.model.image_token_id  # B x L
+        grid = out.images.grids[0]
+        states = out.hidden[is_image].reshape(ids.shape[0], grid[0] * grid[1], -1)  # B x N x D
+        logits = self.referent_probe(states)[..., 0]  # B x N
         coverage = torch.stack(
-            [mask_coverage(m, self.model.grid).flatten() for m in batch["masks"]]
+            [mask_coverage(m, grid).flatten() for m in batch["masks"]]
         ).to(logits.device)  # B x N
         bce = F.binary_cross_entropy_with_logits(logits, coverage)
         return float(self.loss_cfg["patch_referent"]) * bce
 
     @torch.no_grad()
-    def first_vrt_accuracy(self, out: dict, batch: dict) -> Tensor | None:
+    def first_vrt_accuracy(self, out: TRPOutput, batch: dict) -> Tensor | None:
         """Fraction of answers whose first VRT, predicted under teacher forcing (argmax over the
         sample's own patches), is one of its object's target patches: how often the LM picks
         the right object. ``None`` when the batch has no VRT targets."""
-        offsets = out["binding"].sample_offsets.tolist()
+        offsets = out.binding.sample_offsets.tolist()
         rows, spans, allowed = [], [], []
         for s, (positions, patches) in enumerate(batch["objects"]):
             if positions:
-                rows.append(out["hidden"][s, positions[0] - 1])
+                rows.append(out.hidden[s, positions[0] - 1])
                 spans.append((offsets[s], offsets[s + 1]))
                 allowed.append(patches)
         if not rows:
             return None
-        protos = out["vrt_rows"].float()
+        protos = out.vrt_rows.float()
         hits = [
             float(int((row.float() @ protos[a:b].T).argmax()) in set(ok.tolist()))
             for row, (a, b), ok in zip(rows, spans, allowed)
         ]
         return torch.tensor(sum(hits) / len(hits))
 
-    def head_losses(self, heads: dict, targets, batch: dict) -> dict[str, Tensor]:
+    def head_losses(self, predictions: dict, batch: dict) -> dict[str, Tensor]:
+        """Box and mask criteria of every routed target against its sample's object."""
         losses: dict[str, Tensor] = {}
-        sample = targets.sample
-        if "box" in heads:
-            box_out = {
-                **heads["box"],
-                "boxes": heads["box"]["boxes"].float(),
-                "scores": heads["box"]["scores"].float(),
-            }
-            box_out["aux"] = [{k: v.float() for k, v in a.items()} for a in box_out["aux"]]
-            part = self.box_criterion(box_out, {"boxes": batch["boxes"][sample]})
+        if "box" in predictions:
+            routed = predictions["box"]
+            sample = routed.sample.to(batch["boxes"].device)
+            part = self.box_criterion(routed.predictions, {"boxes": batch["boxes"][sample]})
             losses.update({f"box/{k}": v for k, v in part.items()})
-            if "region_logits" in heads["box"]:
+            if "region_logits" in routed.predictions:
                 weight = float(self.loss_cfg.get("box_region", 0.0))
                 masks = None
                 if self.loss_cfg.get("box_region_target", "box") == "mask":
                     masks = batch["masks_small"][sample]
                 region = box_region_loss(
-                    heads["box"]["region_logits"], batch["boxes"][sample], masks=masks
+                    routed.predictions["region_logits"], batch["boxes"][sample], masks=masks
                 )
                 losses.update({f"box/{k}": weight * v for k, v in region.items()})
-        if "mask" in heads:
-            mask_out = {
-                **heads["mask"],
-                "masks": heads["mask"]["masks"].float(),
-                "mask_embed": heads["mask"]["mask_embed"].float(),
-                "pixel_features": heads["mask"]["pixel_features"].float(),
-            }
-            part = self.mask_criterion(mask_out, {"masks": batch["masks_small"][sample]})
+        if "mask" in predictions:
+            routed = predictions["mask"]
+            sample = routed.sample.to(batch["masks_small"].device)
+            part = self.mask_criterion(
+                routed.predictions, {"masks": batch["masks_small"][sample]}
+            )
             losses.update({f"mask/{k}": v for k, v in part.items()})
         return losses
 
@@ -285,15 +248,12 @@ class ReferringModule(L.LightningModule):
         out = self.model(
             batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"]
         )
-        # The losses run in fp32: the fused loss ops take one dtype and autocast would hand
-        # them bf16 intermediates.
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            token = self.token_loss(out, batch) * float(self.loss_cfg["token"])
-            losses = {"token": token, **self.head_losses(out["heads"], out["targets"], batch)}
-            if self.patch_probe is not None and "patch_classes" in batch:
-                losses["patch_class"] = self.patch_class_loss(out["fmap"], batch)
-            if self.referent_probe is not None:
-                losses["patch_referent"] = self.patch_referent_loss(out, batch)
+        token = self.token_loss(out, batch) * float(self.loss_cfg["token"])
+        losses = {"token": token, **self.head_losses(out.predictions, batch)}
+        if self.patch_probe is not None and "patch_classes" in batch:
+            losses["patch_class"] = self.patch_class_loss(out.images.maps[0], batch)
+        if self.referent_probe is not None:
+            losses["patch_referent"] = self.patch_referent_loss(out, batch)
         total = sum(losses.values())
         bs = batch["images"].shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
@@ -310,7 +270,7 @@ class ReferringModule(L.LightningModule):
         """Generate, decode and return one prediction dict per sample (boxes in xyxy pixels,
         masks as bool ``[H, W]``; a sample whose answer has no target gets an empty box/mask)."""
         prefill = bool(self.eval_cfg.get("prefill_phrase", False))
-        gen, out = self.model.generate(
+        gen = self.model.generate(
             batch["images"],
             batch["input_ids"],
             batch["attention_mask"],
@@ -320,11 +280,12 @@ class ReferringModule(L.LightningModule):
             allow_vrt=self.target == "vrt",
             forced_prefix=batch.get("answer_prefix") if prefill else None,
         )
-        targets, heads = out["targets"], out["heads"]
+        heads = {unit: routed.predictions for unit, routed in gen.predictions.items()}
         b = batch["images"].shape[0]
         h, w = self.model.image_size
         first: dict[int, int] = {}
-        for q, s in enumerate(targets.sample.tolist()):
+        routed = next(iter(gen.predictions.values()), None)
+        for q, s in enumerate(routed.sample.tolist() if routed is not None else []):
             first.setdefault(s, q)
         boxes = torch.zeros(b, 4)
         masks = torch.zeros(b, h, w, dtype=torch.bool)

@@ -19,8 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from trp.data import SHAPE_CLASSES
-from trp.models.build import build_tokenizer, build_vlm
-from trp.models.vlm import ReferringVLM
+from trp.models.build import build_model, build_tokenizer
+from trp.models.trp_model import TRPForConditionalGeneration
 from trp.recipes.checkpoint import load_checkpoint, save_checkpoint
 from trp.recipes.config import validate_config
 from trp.recipes.conversation import ReferringCollator
@@ -64,8 +64,11 @@ def _collators(cfg: DictConfig, tokenizer, grid: int) -> tuple[ReferringCollator
     )
 
 
-def _datamodule(cfg: DictConfig, model: ReferringVLM, train_set, held_out) -> ReferringDataModule:
-    train_collate, eval_collate = _collators(cfg, model.tokenizer, model.grid[0])
+def _datamodule(
+    cfg: DictConfig, model: TRPForConditionalGeneration, train_set, held_out
+) -> ReferringDataModule:
+    grid = int(cfg.model.image_size) // int(cfg.model.patch_size)
+    train_collate, eval_collate = _collators(cfg, model.tokenizer, grid)
     return ReferringDataModule(
         train=train_set,
         held_out=held_out,
@@ -77,7 +80,7 @@ def _datamodule(cfg: DictConfig, model: ReferringVLM, train_set, held_out) -> Re
     )
 
 
-def _module(cfg: DictConfig, model: ReferringVLM) -> ReferringModule:
+def _module(cfg: DictConfig, model: TRPForConditionalGeneration) -> ReferringModule:
     # Synthetic scenes label every pixel (background + the shape classes).
     classes = len(SHAPE_CLASSES) + 1 if cfg.data.name == "shapes" else 0
     return ReferringModule(
@@ -222,7 +225,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tok_cfg = cfg.model.tokenizer
     texts = None if tok_cfg.dir else corpus(train_set, num_samples=int(tok_cfg.corpus_samples))
     tokenizer = build_tokenizer(tok_cfg, texts)
-    model = build_vlm(OmegaConf.to_container(cfg.model, resolve=True), tokenizer=tokenizer)
+    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), tokenizer=tokenizer)
     module = _module(cfg, model)
     datamodule = _datamodule(cfg, model, train_set, held_out)
     trainer = _trainer(cfg, output_dir)

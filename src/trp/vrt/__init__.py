@@ -4,7 +4,8 @@ Every merged image patch becomes a token the LM can read and emit: :class:`Image
 patches to images and samples, :class:`VRTPrototypes` turns patch features into token
 embeddings, :class:`VRTEmbedding` / :class:`VRTHead` extend the input embedding and the LM head
 per sample (:class:`VRTContext` optionally adds the LM's states at the patches to the output
-rows), and :mod:`trp.vrt.targets` picks target patches from masks and boxes. See
+rows), :mod:`trp.vrt.targets` picks target patches from masks and boxes and
+:func:`vrt_token_loss` is the answers' token loss. See
 ``docs/vrt.md``.
 """
 
@@ -23,6 +24,7 @@ from trp.vrt.targets import (
     sample_target_patches,
     target_patches,
 )
+from trp.vrt.token_loss import vrt_token_loss
 
 __all__ = [
     "ImageBinding",
@@ -39,4 +41,5 @@ __all__ = [
     "robust_exclusions",
     "sample_target_patches",
     "target_patches",
+    "vrt_token_loss",
 ]
