@@ -16,8 +16,8 @@ from trp.models.build import (
     build_tokenizer,
 )
 from trp.models.fine_stem import ConvStem, StemDownsample
+from trp.models.image_encoding import ImageEncoding
 from trp.models.reference_vlm import (
-    ImageEncoding,
     ReferenceVLMConfig,
     ReferenceVLMForConditionalGeneration,
     build_vision_encoder,

@@ -12,15 +12,15 @@ Data flow (one image per sample, ``N = h * w`` patches)::
     input_ids with N <image> placeholders per sample -> embeddings; the placeholders take the
         patch tokens -> Qwen2 backbone -> lm_head
 
-:meth:`encode_images` returns everything the heads need from the images (:class:`ImageEncoding`:
-the patch tokens, the vision map, the stride-4 stem map), computed once per step; ``forward``
-takes its ``tokens`` as ``image_embeds`` so the vision tower never runs twice.
+:meth:`encode_images` returns everything the heads need from the images (an
+:class:`~trp.models.ImageEncoding`: the patch tokens, the vision map, the stride-4 stem map),
+computed once per step; ``forward`` / ``generate`` take its tokens as ``image_embeds`` so the
+vision tower never runs twice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,9 +31,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from trp.heads import FeatureAdapter
 from trp.models.fine_stem import ConvStem, StemDownsample
+from trp.models.image_encoding import ImageEncoding
 
 __all__ = [
-    "ImageEncoding",
     "ReferenceVLMConfig",
     "ReferenceVLMForConditionalGeneration",
     "build_vision_encoder",
@@ -48,31 +48,6 @@ _VISION_KEYS = (
     "stem_downsample",
     "fused_attn",
 )
-
-
-@dataclass(frozen=True)
-class ImageEncoding:
-    """What a host VLM's vision side gives the rest of the model, computed once per step.
-
-    Attributes:
-        tokens (Tensor[B_img, N, D]): patch tokens at the LM width (what the ``<image>``
-            placeholders embed as, and what the VRT prototypes are made from).
-        maps: feature maps ``[B_img, C_l, h_l, w_l]`` the heads read.
-        grids: the ``(h, w)`` patch grid of each image (the VRT binding's layout).
-        fine (Tensor[B_img, C_f, H/4, W/4], optional): a stride-4 map for pixel readouts.
-        padding_masks: per map, ``[B_img, h_l, w_l]`` bool (True = padding), or ``None``.
-    """
-
-    tokens: Tensor
-    maps: tuple[Tensor, ...]
-    grids: tuple[tuple[int, int], ...]
-    fine: Tensor | None = None
-    padding_masks: tuple[Tensor, ...] | None = None
-
-    @property
-    def flat_tokens(self) -> Tensor:
-        """``Tensor[ΣP, D]``: the patch tokens in binding order (image by image)."""
-        return self.tokens.flatten(0, 1)
 
 
 class ReferenceVLMConfig(PretrainedConfig):
@@ -274,8 +249,24 @@ class ReferenceVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         adapted = self.adapter([fmap])
         patches = adapted.flat + adapted.flat_pos  # B x N x D
         return ImageEncoding(
-            tokens=patches, maps=(fmap,), grids=((h, w),) * fmap.shape[0], fine=fine
+            flat_tokens=patches.flatten(0, 1),
+            grids=((h, w),) * fmap.shape[0],
+            maps=(fmap,),
+            image_size=self.image_size,
+            fine=fine,
+            host_inputs={"image_embeds": patches},
         )
+
+    def language_states(
+        self, input_ids: Tensor, attention_mask: Tensor, images: ImageEncoding
+    ) -> Tensor:
+        """The decoder's last hidden states ``[B, L, D]`` over full conversations (teacher
+        forcing), with the ``<image>`` placeholders filled from ``images``."""
+        embeds = self.embed_inputs(input_ids, images.host_inputs["image_embeds"])
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.get_decoder()(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions
+        ).last_hidden_state
 
     def embed_inputs(self, input_ids: Tensor, image_embeds: Tensor | None) -> Tensor:
         """Token embeddings ``[B, L, D]`` with the ``<image>`` placeholders replaced by
@@ -320,7 +311,7 @@ class ReferenceVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
             if input_ids is None:
                 raise ValueError("forward needs input_ids or inputs_embeds")
             if image_embeds is None and pixel_values is not None:
-                image_embeds = self.encode_images(pixel_values).tokens
+                image_embeds = self.encode_images(pixel_values).host_inputs["image_embeds"]
             inputs_embeds = self.embed_inputs(input_ids, image_embeds)
         if position_ids is None and attention_mask is not None:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

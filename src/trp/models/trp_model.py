@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from trp.grammar import REF, TokenVocab, TRPLogitsProcessor, parse_ids
 from trp.grammar.types import ParseResult
 from trp.heads import DecoderRouter, RoutedPredictions
-from trp.models.reference_vlm import ImageEncoding
+from trp.models.image_encoding import ImageEncoding
 from trp.vrt import ImageBinding, VRTCausalLM, VRTContext, VRTPrototypes, vrt_token_loss
 
 __all__ = ["TRPForConditionalGeneration", "TRPGeneration", "TRPOutput", "shift_positions"]
@@ -167,9 +167,14 @@ class TRPForConditionalGeneration(nn.Module):
     def vrt_base(self) -> int:
         return self.vrt.vrt_base
 
+
     @property
     def image_size(self) -> tuple[int, int]:
-        return tuple(self.vlm.image_size)
+        """The host's fixed input size ``(H, W)`` (hosts with dynamic resolution have none)."""
+        size = getattr(self.vlm, "image_size", None)
+        if size is None:
+            raise AttributeError(f"{type(self.vlm).__name__} has no fixed image size")
+        return (int(size[0]), int(size[1]))
 
     @property
     def text_weight(self) -> Tensor:
@@ -188,20 +193,17 @@ class TRPForConditionalGeneration(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor,
         parses: Sequence[ParseResult],
+        **image_inputs: Any,
     ) -> TRPOutput:
         """Teacher-forced forward over full conversations; ``parses`` hold the answers'
-        targets at absolute positions of ``input_ids``."""
-        images = self.vlm.encode_images(pixel_values)
+        targets at absolute positions of ``input_ids``; ``image_inputs`` are the host
+        processor's other image tensors (e.g. Qwen's ``image_grid_thw``)."""
+        images = self.vlm.encode_images(pixel_values, **image_inputs)
         binding = self.binding_of(images)
         with self.vrt.bind(
             binding=binding, features=images.flat_tokens, input_ids=input_ids
         ):
-            decoder = self.vlm.get_decoder()
-            embeds = self.vlm.embed_inputs(input_ids, images.tokens)
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            hidden = decoder(
-                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions
-            ).last_hidden_state  # B x L x D
+            hidden = self.vlm.language_states(input_ids, attention_mask, images)  # B x L x D
             rows = self.vrt.rows
         assert rows is not None
         predictions = self.decode(parses, hidden, input_ids, images, binding)
@@ -225,7 +227,7 @@ class TRPForConditionalGeneration(nn.Module):
             list(images.maps),
             input_ids=input_ids,
             image_index=image_index,
-            image_size=self.image_size,
+            image_size=images.image_size,
             fine_features=images.fine,
             padding_masks=images.padding_masks,
             binding=binding,
@@ -260,6 +262,7 @@ class TRPForConditionalGeneration(nn.Module):
         allow_ref: bool = True,
         allow_vrt: bool = True,
         forced_prefix: Sequence[Sequence[int]] | None = None,
+        image_inputs: dict[str, Any] | None = None,
         **generate_kwargs: Any,
     ) -> TRPGeneration:
         """Answer left-padded prompts ``[B, L]`` with the host's ``generate`` (greedy by
@@ -268,7 +271,8 @@ class TRPForConditionalGeneration(nn.Module):
 
         ``forced_prefix`` (one token list per sample) is emitted verbatim first: a grounding
         evaluation forces ``<Phrase>expression</Phrase>(<Unit>box</Unit>`` so the model
-        localises the given phrase (Kosmos-2's REC protocol).
+        localises the given phrase (Kosmos-2's REC protocol). ``image_inputs``: the host
+        processor's other image tensors (e.g. ``image_grid_thw``).
         """
         from transformers import LogitsProcessorList
 
@@ -279,9 +283,9 @@ class TRPForConditionalGeneration(nn.Module):
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("prompts must be left-padded (the last column is padding)")
         b = input_ids.shape[0]
-        images = self.vlm.encode_images(pixel_values)
-        if images.tokens.shape[0] != b:
-            raise ValueError(f"{images.tokens.shape[0]} images for {b} prompts")
+        images = self.vlm.encode_images(pixel_values, **(image_inputs or {}))
+        if images.num_images != b:
+            raise ValueError(f"{images.num_images} images for {b} prompts (one image each)")
         binding = self.binding_of(images)
         processors = LogitsProcessorList()
         if constrained:
@@ -316,7 +320,7 @@ class TRPForConditionalGeneration(nn.Module):
             gen = self.vrt.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                image_embeds=images.tokens,
+                **images.host_inputs,
                 logits_processor=processors,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=self.pad_id,
