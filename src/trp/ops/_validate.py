@@ -35,9 +35,15 @@ def check_boxes(t: object, name: str) -> Tensor:
 
 
 def check_same(tensors: dict[str, Tensor], *, dtype: bool = True) -> None:
-    """All tensors on one device (and of one dtype when ``dtype``)."""
+    """All tensors on one device (and of one dtype when ``dtype``).
+
+    Under autocast, float tensors of different dtypes pass: the ops' Autocast kernels (and
+    :func:`call_reference`) cast float16/bfloat16 inputs to float32 first.
+    """
     names = list(tensors)
     first = tensors[names[0]]
+    if dtype and autocast_active(first):
+        dtype = not all(t.is_floating_point() for t in tensors.values())
     for name in names[1:]:
         t = tensors[name]
         if t.device != first.device:
@@ -102,3 +108,36 @@ def reference_autocast(device: torch.device) -> Iterator[bool]:
 def fp32_inputs(*tensors: object) -> tuple:
     """float16/bfloat16 tensors cast to float32, the rest unchanged (the Autocast kernels' rule)."""
     return tuple(_to_fp32(t) for t in tensors)
+
+
+def float_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the ops compute in for ``t``: float32 for a half tensor under autocast.
+
+    For the auxiliary inputs an API converts to its main input's dtype (areas, sigmas, target
+    masks): converting them to bfloat16 first would round them before the float32 math.
+    """
+    if autocast_active(t) and t.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return t.dtype
+
+
+def call_reference(fn, *args, cast_back: Tensor | None = None):
+    """``fn(*args)`` (an eager reference) under the Autocast kernels' contract: when autocast is
+    on for the first tensor's device, float16/bfloat16 tensors go in as float32 with autocast off,
+    and the output stays float32 (or takes ``cast_back``'s dtype, as ms_deform_attn does)."""
+    first = next(a for a in args if isinstance(a, Tensor))
+    with reference_autocast(first.device) as active:
+        if not active:
+            return fn(*args)
+        out = fn(*fp32_inputs(*args))
+    return out.to(cast_back.dtype) if cast_back is not None else out
+
+
+def check_values_here(t: Tensor, fused: bool) -> bool:
+    """Whether the Python API should make the checks that read tensor values.
+
+    The C++ ops make the same checks; on CUDA inputs a Python check would add a host sync per
+    call, so the fused CUDA path leaves them to the op. CPU inputs and the reference path keep
+    them (no sync there, and the messages of the reference path stay the same).
+    """
+    return not (fused and t.device.type == "cuda")

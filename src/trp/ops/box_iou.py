@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from trp._native import native_available, should_use_fused
 from trp.ops import reference
-from trp.ops._validate import check_boxes, check_same
+from trp.ops._validate import call_reference, check_boxes, check_same
 
 __all__ = ["BoxIoU", "box_iou", "generalized_box_iou"]
 
@@ -34,7 +34,7 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     _check(boxes1, boxes2)
     if should_use_fused(boxes1):
         return torch.ops.trp.box_iou(boxes1, boxes2)
-    return reference.box_iou(boxes1, boxes2)
+    return call_reference(reference.box_iou, boxes1, boxes2)
 
 
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -48,7 +48,7 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     _check(boxes1, boxes2)
     if should_use_fused(boxes1):
         return torch.ops.trp.generalized_box_iou(boxes1, boxes2)
-    return reference.generalized_box_iou(boxes1, boxes2)
+    return call_reference(reference.generalized_box_iou, boxes1, boxes2)
 
 
 class BoxIoU(nn.Module):

@@ -20,7 +20,14 @@ from torch import Tensor, nn
 
 from trp._native import native_available, should_use_fused
 from trp.ops import reference
-from trp.ops._validate import check_floating, check_offsets, check_same, check_tensor
+from trp.ops._validate import (
+    call_reference,
+    check_floating,
+    check_offsets,
+    check_same,
+    check_tensor,
+    check_values_here,
+)
 
 __all__ = ["MatchCost", "PackedCost", "class_cost_table", "match_cost"]
 
@@ -46,9 +53,7 @@ class PackedCost:
         """Views of the per-image blocks, ``[Tensor[Q, G_b] for b in range(B)]``."""
         bounds = self.offsets.tolist()
         q = self.num_queries
-        return [
-            self.costs[q * lo : q * hi].view(q, hi - lo) for lo, hi in zip(bounds, bounds[1:])
-        ]
+        return [self.costs[q * lo : q * hi].view(q, hi - lo) for lo, hi in zip(bounds, bounds[1:])]
 
 
 def class_cost_table(
@@ -104,7 +109,10 @@ def match_cost(
         raise ValueError(f"tgt_boxes must have shape [G, 4], got {list(tgt_boxes.shape)}")
     num_images, num_queries = pred_boxes.shape[:2]
     num_targets = tgt_boxes.shape[0]
-    check_offsets(tgt_offsets, num_images, num_targets, "tgt_offsets")
+    fused = should_use_fused(pred_boxes)
+    read_values = check_values_here(pred_boxes, fused)
+    if read_values:
+        check_offsets(tgt_offsets, num_images, num_targets, "tgt_offsets")
     if pred_logits is None:
         if tgt_labels is not None:
             raise ValueError("tgt_labels given without pred_logits")
@@ -124,7 +132,11 @@ def match_cost(
                 f"{list(tgt_labels.shape)}"
             )
         num_classes = pred_logits.shape[-1]
-        if num_targets and (int(tgt_labels.min()) < 0 or int(tgt_labels.max()) >= num_classes):
+        if (
+            read_values
+            and num_targets
+            and (int(tgt_labels.min()) < 0 or int(tgt_labels.max()) >= num_classes)
+        ):
             raise ValueError(f"tgt_labels must lie in [0, {num_classes})")
         class_cost = class_cost_table(
             pred_logits.detach(), class_mode, alpha=focal_alpha, gamma=focal_gamma
@@ -144,10 +156,10 @@ def match_cost(
         float(weight_giou),
     )
     with torch.no_grad():
-        if should_use_fused(pred_boxes):
+        if fused:
             costs = torch.ops.trp.match_cost(*args)
         else:
-            costs = reference.match_cost(*args)
+            costs = call_reference(reference.match_cost, *args)
     return PackedCost(costs=costs, offsets=tgt_offsets, num_queries=num_queries)
 
 

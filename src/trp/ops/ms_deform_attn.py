@@ -23,6 +23,7 @@ from trp.ops._validate import (
     check_floating,
     check_same,
     check_tensor,
+    check_values_here,
     fp32_inputs,
     reference_autocast,
 )
@@ -137,14 +138,15 @@ def ms_deform_attn(
         attention_weights,
         same_dtype=not autocast,
     )
-    if should_use_fused(value):
-        # The level checks read spatial_shapes / level_start_index: the C++ op makes them,
-        # once, so the Python side adds no host sync on CUDA inputs.
+    fused = should_use_fused(value)
+    # The level checks read spatial_shapes / level_start_index: on CUDA the C++ op makes them,
+    # so the Python side adds no host sync there.
+    if not torch.compiler.is_compiling() and check_values_here(value, fused):
+        _check_levels(value, spatial_shapes, level_start_index)
+    if fused:
         return torch.ops.trp.ms_deform_attn(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
-    if not torch.compiler.is_compiling():
-        _check_levels(value, spatial_shapes, level_start_index)
     with reference_autocast(value.device) as active:
         inputs = (value, sampling_locations, attention_weights)
         v, loc, attn = fp32_inputs(*inputs) if active else inputs

@@ -18,7 +18,15 @@ from torch import Tensor, nn
 
 from trp._native import native_available, should_use_fused
 from trp.ops import reference
-from trp.ops._validate import check_floating, check_offsets, check_same, check_tensor
+from trp.ops._validate import (
+    call_reference,
+    check_floating,
+    check_offsets,
+    check_same,
+    check_tensor,
+    check_values_here,
+    float_dtype,
+)
 from trp.ops.match_cost import PackedCost
 
 __all__ = ["COCO_KEYPOINT_SIGMAS", "OKSCost", "oks", "oks_cost"]
@@ -65,8 +73,11 @@ def _prepare(
     check_tensor(sigmas, "sigmas")
     if sigmas.shape != (k,):
         raise ValueError(f"sigmas must have shape [{k}], got {list(sigmas.shape)}")
-    # Reading the offsets' values cannot be traced by torch.compile; the native op checks them.
-    if not torch.compiler.is_compiling():
+    # Reading the offsets' values cannot be traced by torch.compile and is a host sync on CUDA;
+    # the native op checks them itself, so only the reference path checks them here.
+    if not torch.compiler.is_compiling() and check_values_here(
+        pred_keypoints, should_use_fused(pred_keypoints)
+    ):
         check_offsets(tgt_offsets, num_images, g, "tgt_offsets")
     check_same({"pred_keypoints": pred_keypoints, "tgt_keypoints": tgt_keypoints})
     check_same(
@@ -77,7 +88,7 @@ def _prepare(
         },
         dtype=False,
     )
-    options = {"dtype": pred_keypoints.dtype, "device": pred_keypoints.device}
+    options = {"dtype": float_dtype(pred_keypoints), "device": pred_keypoints.device}
     return (
         pred_keypoints.detach(),
         tgt_keypoints.detach(),
@@ -115,7 +126,7 @@ def oks(
         if should_use_fused(pred):
             values = torch.ops.trp.oks(pred, tgt, vis, areas, sig, offsets)
         else:
-            values = reference.oks(pred, tgt, vis, areas, sig, offsets)
+            values = call_reference(reference.oks, pred, tgt, vis, areas, sig, offsets)
     return PackedCost(costs=values, offsets=tgt_offsets, num_queries=pred.shape[1])
 
 

@@ -24,7 +24,14 @@ from torch import Tensor, nn
 
 from trp._native import native_available, should_use_fused
 from trp.ops import reference
-from trp.ops._validate import check_floating, check_same, check_tensor
+from trp.ops._validate import (
+    call_reference,
+    check_floating,
+    check_same,
+    check_tensor,
+    check_values_here,
+    float_dtype,
+)
 
 __all__ = [
     "PointMaskLoss",
@@ -59,9 +66,11 @@ def _check_features(mask_embed: Tensor, pixel_features: Tensor, image_index: Ten
         )
     check_same({"mask_embed": mask_embed, "image_index": image_index}, dtype=False)
     num_images = pixel_features.shape[0]
-    # A value check reads data, which torch.compile cannot trace; the native op repeats it.
+    # A value check reads data, which torch.compile cannot trace and which is a host sync on
+    # CUDA: the native op makes it itself, so only the reference path checks here.
     if (
         not torch.compiler.is_compiling()
+        and check_values_here(mask_embed, should_use_fused(mask_embed))
         and image_index.numel()
         and (int(image_index.min()) < 0 or int(image_index.max()) >= num_images)
     ):
@@ -91,7 +100,7 @@ def _check_targets(mask_embed: Tensor, target_masks: Tensor) -> Tensor:
             f"target_masks must have a non-empty Ht x Wt grid, got {list(target_masks.shape)}"
         )
     check_same({"mask_embed": mask_embed, "target_masks": target_masks}, dtype=False)
-    return target_masks.to(mask_embed.dtype)
+    return target_masks.to(float_dtype(mask_embed))
 
 
 def point_mask_logits(
@@ -111,7 +120,9 @@ def point_mask_logits(
     _check_points(mask_embed, points)
     if should_use_fused(mask_embed):
         return torch.ops.trp.point_mask_logits(mask_embed, pixel_features, image_index, points)
-    return reference.point_mask_logits(mask_embed, pixel_features, image_index, points)
+    return call_reference(
+        reference.point_mask_logits, mask_embed, pixel_features, image_index, points
+    )
 
 
 def sample_points(
@@ -141,7 +152,7 @@ def sample_points(
             f"importance_sample_ratio must lie in [0, 1], got {importance_sample_ratio}"
         )
     num_queries = mask_embed.shape[0]
-    options = {"dtype": mask_embed.dtype, "device": mask_embed.device}
+    options = {"dtype": float_dtype(mask_embed), "device": mask_embed.device}
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
     candidates = torch.rand(num_queries, num_sampled, 2, generator=generator, **options)
@@ -176,7 +187,9 @@ def point_mask_loss_per_query(
         return torch.ops.trp.point_mask_loss(
             mask_embed, pixel_features, image_index, targets, points
         )
-    return reference.point_mask_loss(mask_embed, pixel_features, image_index, targets, points)
+    return call_reference(
+        reference.point_mask_loss, mask_embed, pixel_features, image_index, targets, points
+    )
 
 
 def point_mask_loss(
@@ -307,8 +320,14 @@ def point_mask_loss_layers(
             mask_embed, pixel_features, image_index, targets, *args, *weights, compute_grad
         )
     else:
-        total, per_layer = reference.point_mask_loss_layers(
-            mask_embed, pixel_features, image_index, targets, *args, *weights
+        total, per_layer = call_reference(
+            reference.point_mask_loss_layers,
+            mask_embed,
+            pixel_features,
+            image_index,
+            targets,
+            *args,
+            *weights,
         )
         per_layer = per_layer.detach()
     return {"loss": total, "loss_mask": per_layer[:, 0], "loss_dice": per_layer[:, 1]}

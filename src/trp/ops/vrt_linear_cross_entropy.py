@@ -24,6 +24,7 @@ from trp.ops._validate import (
     check_offsets,
     check_same,
     check_tensor,
+    check_values_here,
     fp32_inputs,
     reference_autocast,
 )
@@ -109,8 +110,8 @@ def _check_data(
     ignore_index: int,
     chunk_size: int,
 ) -> None:
-    """The checks that read index values, for the reference path: the C++ op makes the same
-    checks itself, so the fused path reads nothing on the host from Python (no extra sync)."""
+    """The checks that read index values (see :func:`check_values_here`: the C++ op makes the
+    same checks, so on CUDA the fused path reads nothing on the host from Python)."""
     tokens = hidden.shape[0]
     samples = proto_offsets.shape[0] - 1
     check_offsets(proto_offsets, samples, prototypes.shape[0], "proto_offsets")
@@ -192,10 +193,12 @@ def vrt_linear_cross_entropy(
     _check_metadata(*args)
     # float32 under autocast (a loss); otherwise hidden's dtype, reduced from float32.
     out_dtype = torch.float32 if autocast_active(hidden) else hidden.dtype
-    if should_use_fused(hidden):
+    fused = should_use_fused(hidden)
+    if check_values_here(hidden, fused):
+        _check_data(*args)
+    if fused:
         loss = torch.ops.trp.vrt_linear_cross_entropy(*args)[0]  # float32 for half inputs
     else:
-        _check_data(*args)
         with reference_autocast(hidden.device) as active:
             floats = fp32_inputs(*args[:3]) if active else args[:3]
             loss = reference.vrt_linear_cross_entropy(*floats, *args[3:-1])
