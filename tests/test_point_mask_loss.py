@@ -686,3 +686,37 @@ def test_layers_torch_compile_no_graph_break(gen):
     expected.backward()
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(e.grad, e2.grad)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_under_cpu_bf16_autocast(fused, gen):
+    # Under autocast the mask head hands bfloat16 embeddings next to float32 pixel features;
+    # the ops compute in float32 and return float32 (no caller casts head outputs by hand).
+    x = problem(dtype=torch.float32, gen=gen)
+    embed = x["mask_embed"].bfloat16().requires_grad_()
+    exact = {**x, "mask_embed": embed.detach().float()}
+    with use_fused(fused), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = point_mask_logits(embed, *logits_args(x)[1:])
+        per_query = point_mask_loss_per_query(embed, *loss_args(x)[1:])
+        layers = point_mask_loss_layers(
+            embed[None],
+            x["pixel_features"],
+            x["image_index"],
+            x["target_masks"],
+            seed=3,
+            num_points=20,
+        )
+    assert logits.dtype == per_query.dtype == layers["loss"].dtype == torch.float32
+    torch.testing.assert_close(logits, reference.point_mask_logits(*logits_args(exact)))
+    torch.testing.assert_close(per_query, reference.point_mask_loss(*loss_args(exact)))
+    want = point_mask_loss_layers(
+        exact["mask_embed"][None],
+        x["pixel_features"],
+        x["image_index"],
+        x["target_masks"],
+        seed=3,
+        num_points=20,
+    )
+    torch.testing.assert_close(layers["loss"], want["loss"])
+    (logits.sum() + per_query.sum() + layers["loss"]).backward()
+    assert embed.grad.dtype == torch.bfloat16 and embed.grad.isfinite().all()
