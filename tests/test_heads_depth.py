@@ -5,10 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trp.heads import DepthHead
+from trp.heads import DepthHead, HeadInputs
 from trp.losses import DepthCriterion
 
 C_LM = 48
+
+
+def _call(head, queries, features, image_index, **kw):
+    """The head on one :class:`HeadInputs` of these fields."""
+    return head(HeadInputs(queries=queries, features=features, image_index=image_index, **kw))
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +38,9 @@ def _head(**kw) -> DepthHead:
 @pytest.mark.parametrize("activation", ["softplus", "exp"])
 def test_shapes_positive_and_postprocess(activation):
     head = _head(activation=activation)
-    out = head(torch.randn(3, C_LM), _features(), torch.tensor([0, 1, 1]), image_size=(30, 18))
+    out = _call(
+        head, torch.randn(3, C_LM), _features(), torch.tensor([0, 1, 1]), image_size=(30, 18)
+    )
     assert out["depth"].shape == (3, 8, 5)
     assert (out["depth"] > 0).all()
     up = DepthHead.postprocess(out, (30, 18))
@@ -53,7 +60,7 @@ def test_overfits_tiny_batch_and_grad_reaches_queries():
     opt = torch.optim.Adam([*head.parameters(), q], lr=3e-3)
     first = None
     for step in range(150):
-        losses = crit(head(q, feats, idx, image_size=(16, 16)), gt)
+        losses = crit(_call(head, q, feats, idx, image_size=(16, 16)), gt)
         loss = sum(losses.values())
         opt.zero_grad()
         loss.backward()
@@ -66,15 +73,19 @@ def test_overfits_tiny_batch_and_grad_reaches_queries():
 
 def test_empty_and_bad_inputs():
     head = _head()
-    out = head(
-        torch.zeros(0, C_LM), _features(), torch.zeros(0, dtype=torch.int64), image_size=(16, 16)
+    out = _call(
+        head,
+        torch.zeros(0, C_LM),
+        _features(),
+        torch.zeros(0, dtype=torch.int64),
+        image_size=(16, 16),
     )
     assert out["depth"].shape == (0, 4, 4)
     assert DepthHead.postprocess(out, (16, 16)).shape == (0, 16, 16)
     with pytest.raises(ValueError, match="image_size"):
-        head(torch.randn(1, C_LM), _features(), torch.tensor([0]), image_size=None)
+        _call(head, torch.randn(1, C_LM), _features(), torch.tensor([0]), image_size=None)
     with pytest.raises(IndexError):
-        head(torch.randn(1, C_LM), _features(), torch.tensor([-1]), image_size=(16, 16))
+        _call(head, torch.randn(1, C_LM), _features(), torch.tensor([-1]), image_size=(16, 16))
     with pytest.raises(ValueError, match="activation"):
         _head(activation="relu")
 
@@ -101,3 +112,24 @@ def test_invalid_pixels_are_ignored():
     assert losses["loss_silog"].item() < 1e-3
     with pytest.raises(ValueError, match="targets\\['depth'\\]"):
         crit({"depth": pred}, {"depth": gt[0]})
+
+
+def test_depth_criterion_matches_within_groups() -> None:
+    """Like every criterion, DepthCriterion takes groups: two depth queries of one triplet pair
+    with the closer of its two targets, whatever their order."""
+    crit = DepthCriterion()
+    near, far = torch.full((1, 8, 8), 1.0), torch.full((1, 8, 8), 10.0)
+    pred = {"depth": torch.cat([far, near]) * 1.01}
+    group = torch.tensor([3, 3])
+    targets = {"depth": torch.cat([near, far]), "group": group}
+    matched = crit(pred, targets, pred_group=group)
+    in_order = crit(pred, {"depth": targets["depth"]})
+    swapped = crit({"depth": pred["depth"].flip(0)}, {"depth": targets["depth"]})
+    for k in matched:
+        torch.testing.assert_close(matched[k], swapped[k])
+    # Matched: a 1 % scale error (SILog ~0.004); in order: 10x off (SILog ~0.9).
+    assert matched["loss_silog"] < 0.01 < 0.5 < in_order["loss_silog"]
+    with pytest.raises(ValueError, match="both pred_group"):
+        crit(pred, targets)
+    with pytest.raises(ValueError, match="one-to-one"):
+        crit(pred, {"depth": targets["depth"][:1]})

@@ -6,13 +6,18 @@ import pytest
 import torch
 
 from tests.conftest import requires_native
-from trp.heads import KeypointHead
+from trp.heads import HeadInputs, KeypointHead
 from trp.losses import KeypointCriterion, object_keypoint_similarity
 from trp.ops import use_fused
 
 C_LM = 48
 K = 5
 SIGMAS = [0.05] * K
+
+
+def _call(head, queries, features, image_index, **kw):
+    """The head on one :class:`HeadInputs` of these fields."""
+    return head(HeadInputs(queries=queries, features=features, image_index=image_index, **kw))
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +65,9 @@ def _targets() -> dict:
 @pytest.mark.parametrize("mode", ["regression", "heatmap"])
 def test_shapes_and_ranges(mode):
     head = _head(mode)
-    out = head(torch.randn(3, C_LM), _features(), torch.tensor([0, 1, 1]), image_size=(32, 28))
+    out = _call(
+        head, torch.randn(3, C_LM), _features(), torch.tensor([0, 1, 1]), image_size=(32, 28)
+    )
     assert out["keypoints"].shape == (3, K, 2)
     assert ((out["keypoints"] >= 0) & (out["keypoints"] <= 1)).all()
     assert out["visibility"].shape == (3, K)
@@ -85,7 +92,7 @@ def test_overfits_tiny_batch_and_grad_reaches_queries(mode, threshold):
     pg = torch.tensor([0, 1, 1])
     opt = torch.optim.Adam([*head.parameters(), q], lr=3e-3)
     for step in range(300):
-        out = head(q, feats, idx, image_size=(32, 32))
+        out = _call(head, q, feats, idx, image_size=(32, 32))
         losses = crit(out, tgt, pred_group=pg)
         loss = sum(losses.values())
         opt.zero_grad()
@@ -127,8 +134,12 @@ def test_oks_values():
 
 def test_empty_and_bad_inputs():
     head = _head("heatmap")
-    out = head(
-        torch.zeros(0, C_LM), _features(), torch.zeros(0, dtype=torch.int64), image_size=(32, 32)
+    out = _call(
+        head,
+        torch.zeros(0, C_LM),
+        _features(),
+        torch.zeros(0, dtype=torch.int64),
+        image_size=(32, 32),
     )
     assert out["keypoints"].shape == (0, K, 2)
     assert out["heatmaps"].shape == (0, K, 8, 8)
@@ -136,9 +147,9 @@ def test_empty_and_bad_inputs():
     losses = crit(out, {"keypoints": torch.zeros(0, K, 3), "areas": torch.zeros(0)})
     assert all(v.item() == 0 for v in losses.values())
     with pytest.raises(ValueError, match="image_size"):
-        head(torch.randn(1, C_LM), _features(), torch.tensor([0]))
+        _call(head, torch.randn(1, C_LM), _features(), torch.tensor([0]))
     with pytest.raises(IndexError):
-        head(torch.randn(1, C_LM), _features(), torch.tensor([2]), image_size=(32, 32))
+        _call(head, torch.randn(1, C_LM), _features(), torch.tensor([2]), image_size=(32, 32))
     with pytest.raises(ValueError, match="sigmas"):
         KeypointCriterion(num_keypoints=K)
     with pytest.raises(ValueError, match="mode"):
@@ -149,22 +160,23 @@ def test_empty_and_bad_inputs():
 
 @requires_native
 def test_decoder_layer_compiles_without_graph_break():
-    """The fused ms_deform_attn traces as one op; the eager reference would break the graph."""
+    """The keypoint layer (self-attention among an instance's K tokens, deformable attention
+    around 2-d points) traces with the fused ms_deform_attn as one op."""
     head = _head().eval()
-    layer = head.layers[0]
-    feats = head.adapter(_features())
+    layer = head.decoder.layers[0]
+    feats = head.decoder.adapter(_features())
     b, m = 2, 2
+
+    def run(tokens, pos, ref):
+        return layer(tokens, feats, pos=pos, reference_points=ref)
+
     args = (
         torch.randn(b, m, K, 32),
         torch.randn(b, m, K, 32),
-        torch.rand(b, m * K, 2, 2) * 0.5 + 0.25,
-        feats.flat.detach(),
-        feats.spatial_shapes,
-        feats.level_start_index,
+        torch.rand(b, m, K, 2) * 0.5 + 0.25,
     )
-    with use_fused(True):
-        explain = torch._dynamo.explain(layer)(*args)
+    with use_fused(True), torch.no_grad():
+        explain = torch._dynamo.explain(run)(*args)
         assert explain.graph_break_count == 0, explain.break_reasons
-        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(*args), layer(*args), rtol=1e-4, atol=1e-5)
+        compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(*args), run(*args), rtol=1e-4, atol=1e-5)

@@ -5,10 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trp.heads import MaskHead, masks_to_boxes
+from trp.heads import HeadInputs, MaskHead, masks_to_boxes
 from trp.losses import MaskCriterion
 
 C_LM = 48
+
+
+def _call(head, queries, features, image_index, **kw):
+    """The head on one :class:`HeadInputs` of these fields."""
+    return head(HeadInputs(queries=queries, features=features, image_index=image_index, **kw))
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +47,9 @@ def _targets() -> torch.Tensor:
 
 def test_shapes_and_postprocess():
     head = _head()
-    out = head(torch.randn(3, C_LM), _features(), torch.tensor([0, 1, 1]), image_size=(30, 22))
+    out = _call(
+        head, torch.randn(3, C_LM), _features(), torch.tensor([0, 1, 1]), image_size=(30, 22)
+    )
     assert out["masks"].shape == (3, 8, 6)
     assert out["mask_embed"].shape == (3, 16)
     assert out["pixel_features"].shape == (2, 16, 8, 6)
@@ -70,7 +77,9 @@ def test_overfits_tiny_batch_and_grad_reaches_queries():
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam([*head.parameters(), q], lr=3e-3)
     for step in range(200):
-        losses = crit(head(q, feats, idx, image_size=(32, 32)), tgt, pred_group=pg, generator=g)
+        losses = crit(
+            _call(head, q, feats, idx, image_size=(32, 32)), tgt, pred_group=pg, generator=g
+        )
         loss = sum(losses.values())
         opt.zero_grad()
         loss.backward()
@@ -78,7 +87,7 @@ def test_overfits_tiny_batch_and_grad_reaches_queries():
             assert q.grad.abs().sum() > 0
         opt.step()
     assert loss.item() < 1.2, losses
-    pred = MaskHead.postprocess(head(q, feats, idx, image_size=(32, 32)), (32, 32))["masks"]
+    pred = MaskHead.postprocess(_call(head, q, feats, idx, image_size=(32, 32)), (32, 32))["masks"]
     tgt_b = m.bool()
     iou = (pred[:, None] & tgt_b[None]).flatten(2).sum(-1) / (pred[:, None] | tgt_b[None]).flatten(
         2
@@ -102,19 +111,24 @@ def test_masks_to_boxes():
 
 def test_empty_and_bad_inputs():
     head = _head()
-    out = head(
-        torch.zeros(0, C_LM), _features(), torch.zeros(0, dtype=torch.int64), image_size=(32, 32)
+    out = _call(
+        head,
+        torch.zeros(0, C_LM),
+        _features(),
+        torch.zeros(0, dtype=torch.int64),
+        image_size=(32, 32),
     )
     assert out["masks"].shape == (0, 8, 8)
     assert MaskHead.postprocess(out, (32, 32))["masks"].shape == (0, 32, 32)
     losses = MaskCriterion(num_points=16)(out, {"masks": torch.zeros(0, 32, 32)})
     assert all(v.item() == 0 for v in losses.values())
     with pytest.raises(ValueError, match="image_size"):
-        head(torch.randn(1, C_LM), _features(), torch.tensor([0]), image_size=None)
+        _call(head, torch.randn(1, C_LM), _features(), torch.tensor([0]), image_size=None)
     with pytest.raises(IndexError):
-        head(torch.randn(1, C_LM), _features(), torch.tensor([5]), image_size=(32, 32))
-    with pytest.raises(ValueError, match=r"features\[0\]"):
-        head(
+        _call(head, torch.randn(1, C_LM), _features(), torch.tensor([5]), image_size=(32, 32))
+    with pytest.raises(ValueError, match=r"HeadInputs.features .*\[B, C, H, W\]"):
+        _call(
+            head,
             torch.randn(1, C_LM),
             [torch.randn(2, 16, 8), torch.randn(2, 24, 4, 4)],
             torch.tensor([0]),
@@ -138,3 +152,80 @@ def test_two_way_block_compiles_without_graph_break():
     with torch.no_grad():
         for a, b in zip(compiled(*args), block(*args)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+LIGHT = {
+    "in_dim": 16,
+    "in_channels": [24],
+    "d_model": 32,
+    "n_heads": 2,
+    "dim_feedforward": 32,
+    "num_layers": 1,
+    "decoder": "light",
+    "cross_attention": "dense",
+}
+
+
+def test_light_mask_head_shapes_and_empty_queries() -> None:
+    feats = [torch.randn(2, 24, 4, 4)]
+    mask = MaskHead(**LIGHT, mask_dim=8)
+    q = torch.randn(5, 16)
+    image = torch.tensor([0, 0, 1, 1, 1])
+    obj = torch.tensor([0, 0, 1, 2, 2])
+    m = _call(mask, q, feats, image, object_index=obj, image_size=(64, 64))
+    assert m["masks"].shape == (3, 16, 16)
+    assert m["image_index"].tolist() == [0, 1, 1]
+    # 8 learned channels + the 5 coordinate channels of the box prior.
+    assert m["pixel_features"].shape == (2, 13, 16, 16)
+    empty = _call(mask, q[:0], feats, image[:0], image_size=(64, 64))
+    assert empty["masks"].shape == (0, 16, 16) and empty["pixel_features"].shape == (2, 13, 16, 16)
+    with pytest.raises(ValueError, match="fine_channels belongs"):
+        MaskHead(**{**LIGHT, "decoder": "two_way"}, fine_channels=4)
+
+
+def test_light_mask_head_box_prior_peaks_inside_the_reference() -> None:
+    torch.manual_seed(0)
+    feats = [torch.zeros(1, 24, 4, 4)]
+    mask = MaskHead(**LIGHT)
+    ref = torch.tensor([[0.25, 0.25, 0.25, 0.25], [float("nan")] * 4])
+    q = torch.randn(2, 16)
+    with torch.no_grad():
+        for p in mask.readout.embed.parameters():
+            p.zero_()  # only the prior is left
+        out = _call(mask, q, feats, torch.tensor([0, 0]), image_size=(64, 64), reference_boxes=ref)
+    m = out["masks"]  # 2 x 16 x 16
+    assert m[0, 4, 4] == m[0].max() and m[0, 4, 4] > 1.5 and m[0, 14, 14] < -10
+    assert m[1].abs().max() == 0  # no reference, no prior
+    # The same logits come out of mask_embed . pixel_features (what the point loss samples).
+    again = torch.einsum("nc,chw->nhw", out["mask_embed"], out["pixel_features"][0])
+    torch.testing.assert_close(again, m, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="reference_boxes"):
+        _call(mask, q, feats, torch.tensor([0, 0]), image_size=(64, 64), reference_boxes=ref[:1])
+
+
+def test_box_prior_coefficients_match_the_quadratic() -> None:
+    from trp.heads import box_prior_coefficients, coordinate_channels
+
+    coords = coordinate_channels(8, 8)
+    ref = torch.tensor([[0.5, 0.25, 0.5, 0.25]])
+    coeffs = box_prior_coefficients(ref, torch.tensor([3.0]), torch.tensor([1.0]), (0.1, 0.0))
+    got = torch.einsum("nc,chw->nhw", coeffs, coords)[0]
+    x, y = coords[1], coords[3]
+    want = 1.0 - 3.0 * ((x - 0.5) ** 2 / 0.35**2 + (y - 0.25) ** 2 / 0.125**2)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    # Per-image extents: an image of 4 x 4 cells on an 8 x 8 grid gets its own coordinates.
+    per_image = coordinate_channels(8, 8, extent=torch.tensor([[4, 4], [8, 8]]))
+    torch.testing.assert_close(per_image[0, :, :4, :4], coordinate_channels(4, 4))
+    torch.testing.assert_close(per_image[1], coords)
+
+
+def test_light_mask_head_never_copies_features_per_query() -> None:
+    """Many objects on one image: the readout's peak memory does not grow with a per-object
+    copy of the pixel maps (one matmul per image)."""
+    from trp.heads.mask_readout import _per_image_dot
+
+    embed = torch.randn(7, 5)
+    pixels = torch.randn(2, 5, 3, 4)
+    index = torch.tensor([1, 0, 1, 1, 0, 1, 1])
+    want = torch.einsum("nc,nchw->nhw", embed, pixels[index])
+    torch.testing.assert_close(_per_image_dot(embed, pixels, index), want)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from trp.heads.blocks import MLP, masked_group_norm
-from trp.heads.pixel_decoder import quarter_size
+from trp.heads.pixel_decoder import quarter_size, replicate_edges
 
 __all__ = ["MaskReadout", "box_prior_coefficients", "coordinate_channels"]
 
@@ -149,6 +149,10 @@ class MaskReadout(nn.Module):
                 )
             size = tuple(fine_features.shape[-2:])
         if tuple(pixels.shape[-2:]) != size:
+            if valid is not None:
+                # Edge clamping at the image's own border, as for the image alone.
+                up = valid.repeat_interleave(4, 1).repeat_interleave(4, 2)
+                pixels = replicate_edges(pixels, up)
             pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
         if self.fine is not None:
             pixels = pixels + self.fine(fine_features.to(pixels.dtype))
