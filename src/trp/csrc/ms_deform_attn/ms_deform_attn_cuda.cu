@@ -6,6 +6,7 @@
 // entries, but threads of different queries sample the same value rows, and a GPU cannot afford
 // the CPU's partition by (n, m) (only N * M threads): grad_value is therefore accumulated with
 // atomicAdd, into a float buffer when the inputs are half / bfloat16.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -97,6 +98,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   check_backward_inputs(grad_output_in, value_in, spatial_shapes_in, level_start_index_in,
                         sampling_locations_in, attention_weights_in);
   const c10::cuda::CUDAGuard guard(value_in.device());
+  // grad_value is summed with float atomics (many queries sample one pixel): its rounding
+  // depends on the order the threads land in.
+  at::globalContext().alertNotDeterministic("trp::ms_deform_attn CUDA backward");
   const at::Tensor grad_output = grad_output_in.contiguous();
   const at::Tensor value = value_in.contiguous();
   const at::Tensor shapes = spatial_shapes_in.contiguous();

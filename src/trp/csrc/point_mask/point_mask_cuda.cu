@@ -2,13 +2,20 @@
 // (query, point) computes the logit as sum_c embed[q, c] * bilinear(features[b, c], point) with
 // the shared math of point_mask.h (the CPU launcher computes the same values through chunked
 // GEMMs instead, which is what is fast on a CPU). Per-query sums are a block reduction per query.
-// The backward scatters into grad_features with atomics: points of different queries of an image
-// (and neighbouring points of one query) share pixels, and a race-free partition by image and
-// channel would serialise a whole image's points into a few blocks. Gradients accumulate in
-// opmath (float for half/bfloat16) and are cast once at the end.
+// Backward: grad_embed[q] = sum_p dlogit[q, p] * bilinear(features[b], point[q, p]) is a batched
+// GEMM over a gathered [queries, C, P] tensor of sampled features (chunks of queries, no atomics:
+// every (query, point) thread adding into the same grad_embed row contended and made the sum's
+// order nondeterministic). grad_features still uses atomics: points of different queries of an
+// image (and neighbouring points of one query) share pixels, and a race-free partition by image
+// and channel would serialise a whole image's points into a few blocks; it alerts under
+// torch.use_deterministic_algorithms. Gradients accumulate in opmath (float for half/bfloat16)
+// and are cast once at the end.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Context.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "cuda_launch.cuh"
 #include "point_mask/point_mask.h"
@@ -90,10 +97,28 @@ __global__ void dlogit_kernel(const acc_t* logits, const acc_t* target_values, c
   }
 }
 
+// sampled[i, ch, p] = bilinear(features[image of query q0 + i, ch], point[q0 + i, p]).
 template <typename scalar_t, typename acc_t>
-__global__ void scatter_kernel(const scalar_t* embed, const scalar_t* features,
-                               const int64_t* index, const scalar_t* points, const acc_t* dl,
-                               acc_t* grad_embed, acc_t* grad_features, Dims d) {
+__global__ void gather_kernel(const scalar_t* features, const int64_t* index,
+                              const scalar_t* points, acc_t* sampled, int64_t q0,
+                              int64_t num_queries, Dims d) {
+  const int64_t pixels = d.height * d.width;
+  TRP_GRID_STRIDE_LOOP(e, num_queries * d.channels * d.num_points) {
+    const int64_t p = e % d.num_points;
+    const int64_t ch = (e / d.num_points) % d.channels;
+    const int64_t q = q0 + e / (d.num_points * d.channels);
+    const int64_t k = q * d.num_points + p;
+    const Corners<acc_t> c = corners<acc_t>(static_cast<acc_t>(points[2 * k]),
+                                            static_cast<acc_t>(points[2 * k + 1]), d.height,
+                                            d.width);
+    sampled[e] = sample(features + (index[q] * d.channels + ch) * pixels, c);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void scatter_kernel(const scalar_t* embed, const int64_t* index,
+                               const scalar_t* points, const acc_t* dl, acc_t* grad_features,
+                               Dims d) {
   const int64_t pixels = d.height * d.width;
   TRP_GRID_STRIDE_LOOP(k, d.total) {
     const acc_t g = dl[k];
@@ -103,7 +128,6 @@ __global__ void scatter_kernel(const scalar_t* embed, const scalar_t* features,
                                             d.width);
     const int64_t offset = index[q] * d.channels * pixels;
     for (int64_t ch = 0; ch < d.channels; ++ch) {
-      atomicAdd(grad_embed + q * d.channels + ch, g * sample(features + offset + ch * pixels, c));
       const acc_t ge = g * static_cast<acc_t>(embed[q * d.channels + ch]);
       for (int j = 0; j < 4; ++j) {
         if (c.weight[j] != acc_t(0)) {
@@ -152,20 +176,39 @@ std::pair<at::Tensor, at::Tensor> sample_points(const Inputs& in) {
   return {logits, values};
 }
 
+// Sampled-feature elements per chunk of queries in the grad_embed GEMM (64 MiB of float).
+constexpr int64_t kGatherElements = int64_t(1) << 24;
+
 // grad_embed, grad_features from d loss / d logit [Q, P] (opmath).
 std::tuple<at::Tensor, at::Tensor> scatter(const Inputs& in, const at::Tensor& dl) {
   const auto acc = at::toOpMathType(in.embed.scalar_type());
   at::Tensor grad_embed = at::zeros(in.embed.sizes(), in.embed.options().dtype(acc));
   at::Tensor grad_features = at::zeros(in.features.sizes(), in.features.options().dtype(acc));
-  if (in.d.total > 0) {
+  if (in.d.total > 0 && in.d.channels > 0) {
+    at::globalContext().alertNotDeterministic("trp::point_mask CUDA backward (grad_features)");
+    const int64_t queries = in.embed.size(0), per_query = in.d.channels * in.d.num_points;
+    const int64_t chunk = std::max<int64_t>(1, std::min(queries, kGatherElements / per_query));
+    at::Tensor sampled = at::empty({chunk * per_query}, dl.options());
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.embed.scalar_type(),
                                     "trp::point_mask_scatter_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      for (int64_t q0 = 0; q0 < queries; q0 += chunk) {
+        const int64_t nq = std::min(chunk, queries - q0);
+        gather_kernel<scalar_t, acc_t><<<grid_for(nq * per_query), kThreads, 0, stream>>>(
+            in.features.const_data_ptr<scalar_t>(), in.index.const_data_ptr<int64_t>(),
+            in.points.const_data_ptr<scalar_t>(), sampled.mutable_data_ptr<acc_t>(), q0, nq,
+            in.d);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const at::Tensor s = sampled.narrow(0, 0, nq * per_query)
+                                 .view({nq, in.d.channels, in.d.num_points});
+        // [nq, C, P] x [nq, P, 1]: one GEMV per query, batched (cuBLAS, fixed summation order).
+        grad_embed.narrow(0, q0, nq)
+            .copy_(at::bmm(s, dl.narrow(0, q0, nq).unsqueeze(-1)).squeeze(-1));
+      }
       scatter_kernel<scalar_t, acc_t><<<grid_for(in.d.total), kThreads, 0, stream>>>(
-          in.embed.const_data_ptr<scalar_t>(), in.features.const_data_ptr<scalar_t>(),
-          in.index.const_data_ptr<int64_t>(), in.points.const_data_ptr<scalar_t>(),
-          dl.const_data_ptr<acc_t>(), grad_embed.mutable_data_ptr<acc_t>(),
+          in.embed.const_data_ptr<scalar_t>(), in.index.const_data_ptr<int64_t>(),
+          in.points.const_data_ptr<scalar_t>(), dl.const_data_ptr<acc_t>(),
           grad_features.mutable_data_ptr<acc_t>(), in.d);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -8,6 +8,7 @@
 // The scatter into dM uses atomicAdd: points of one row share pixels, and the CPU's race-free
 // partition (one task per row) would leave a GPU with only n threads. Scratch is in opmath (float
 // for half/bfloat16) and cast to the input dtype for the GEMMs.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -129,6 +130,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> point_mask_loss_layer
   check_layers_inputs(mask_embed, pixel_features, image_index, target_masks, num_points,
                       num_uncertain, num_candidates, num_masks);
   const c10::cuda::CUDAGuard guard(mask_embed.device());
+  if (compute_grad) {
+    // dM is summed with float atomics (points of one row share pixels).
+    at::globalContext().alertNotDeterministic("trp::point_mask_loss_layers CUDA backward");
+  }
   const at::Tensor embed = mask_embed.contiguous();
   const at::Tensor features = pixel_features.contiguous();
   const at::Tensor targets = target_masks.contiguous();
