@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from trp.heads import FeatureAdapter, PixelDecoder, QueryEncoder, quarter_size
 from trp.heads.blocks import sine_position_embedding
@@ -91,3 +92,70 @@ def test_jitter_boxes_moves_within_the_scale_and_keeps_nan_rows() -> None:
     torch.testing.assert_close(again, out, equal_nan=True)
     with pytest.raises(ValueError, match="scale"):
         jitter_boxes(boxes, -1.0)
+
+
+def test_head_inputs_validate_and_replace() -> None:
+    from trp.heads import HeadInputs
+
+    feats = [torch.randn(2, 4, 3, 3)]
+    q = torch.randn(3, 8)
+    idx = torch.tensor([0, 1, 1])
+    inputs = HeadInputs(queries=q, features=feats, image_index=idx, image_size=(12, 12))
+    assert inputs.num_images == 2 and inputs.object_index is None
+    assert inputs.replace(image_size=(6, 6)).image_size == (6, 6) and inputs.image_size == (12, 12)
+    with pytest.raises(TypeError, match="image_index must be an int64"):
+        HeadInputs(queries=q, features=feats, image_index=idx.int())
+    with pytest.raises(ValueError, match=r"object_index must have shape \[3\]"):
+        HeadInputs(queries=q, features=feats, image_index=idx, object_index=idx[:2])
+    with pytest.raises(TypeError, match="not a Tensor"):
+        HeadInputs(queries=q, features=feats[0], image_index=idx)
+    with pytest.raises(ValueError, match="reference_boxes"):
+        HeadInputs(queries=q, features=feats, image_index=idx, reference_boxes=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="fine_features"):
+        HeadInputs(
+            queries=q, features=feats, image_index=idx, fine_features=torch.zeros(3, 1, 2, 2)
+        )
+    with pytest.raises(ValueError, match="image_size"):
+        HeadInputs(queries=q, features=feats, image_index=idx, image_size=(0, 4))
+
+
+def test_decoder_layer_options_and_dense_key_padding() -> None:
+    """Dense cross-attention ignores padded cells: junk there does not reach the tokens."""
+    from trp.heads import DenseCrossAttention, QueryDecoderLayer
+
+    torch.manual_seed(0)
+    adapter = FeatureAdapter(in_channels=[8], d_model=16)
+    layer = QueryDecoderLayer(
+        d_model=16,
+        n_heads=2,
+        dim_feedforward=32,
+        cross_attention=DenseCrossAttention(d_model=16, n_heads=2),
+        norm_first=True,
+        activation="gelu",
+    ).eval()
+    image = torch.randn(1, 8, 3, 3)
+    big = torch.randn(1, 8, 5, 5) * 5
+    big[:, :, :3, :3] = image
+    mask = torch.ones(1, 5, 5, dtype=torch.bool)
+    mask[:, :3, :3] = False
+    tokens = torch.randn(1, 2, 1, 16)
+    alone = layer(tokens, adapter([image]))
+    padded = layer(tokens, adapter([big], [mask]))
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+    assert (layer(tokens, adapter([big])) - alone).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="self_attention"):
+        QueryDecoderLayer(
+            d_model=16,
+            n_heads=2,
+            dim_feedforward=8,
+            cross_attention=nn.Identity(),
+            self_attention="image",
+        )
+    with pytest.raises(ValueError, match="activation"):
+        QueryDecoderLayer(
+            d_model=16,
+            n_heads=2,
+            dim_feedforward=8,
+            cross_attention=nn.Identity(),
+            activation="tanh",
+        )
