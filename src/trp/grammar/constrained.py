@@ -422,6 +422,9 @@ class TRPLogitsProcessor(LogitsProcessor):
         max_new_tokens: the ``generate`` budget (None: no length guarantee).
         allow_ref / allow_vrt: which target kinds may be generated.
         banned_ids: more token ids never to allow (the tokenizer's added tokens already are).
+        inplace: mask ``scores`` in place instead of a copy (saves a copy of the scores per
+            step, ~1 ms at batch 16 x 150k; do not use it with ``output_logits=True``, whose raw
+            logits ``generate`` passes in as ``scores``).
     """
 
     def __init__(
@@ -436,8 +439,10 @@ class TRPLogitsProcessor(LogitsProcessor):
         allow_ref: bool = True,
         allow_vrt: bool = True,
         banned_ids: Iterable[int] = (),
+        inplace: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
+        self.inplace = bool(inplace)
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         vocab = vocab or _vocab_of(tokenizer)
         if not eos or not all(isinstance(e, int) and 0 <= e < len(vocab.pieces) for e in eos):
@@ -553,7 +558,7 @@ class TRPLogitsProcessor(LogitsProcessor):
         if self.max_new_tokens is not None:
             budget = self.max_new_tokens - (length - self._prompt_len)
         generated = input_ids[:, self._prompt_len :].tolist()
-        out = scores.clone()
+        out = scores if self.inplace else scores.clone()
         device = scores.device
         now: dict[tuple[int, ...], _Row] = {}
         for r, g in enumerate(generated):
@@ -572,15 +577,17 @@ class TRPLogitsProcessor(LogitsProcessor):
                     row = now[key] = _Row(row.state, tuple(self._encode(comp)))
             if row.forced:
                 t = row.forced[0]
+                keep = line[t].clone()
                 line.fill_(_NEG)
-                line[t] = scores[r, t]
+                line[t] = keep
                 continue
             if rm.deny:
                 line[:n].index_fill_(0, rm.ids_on(device), _NEG)
             else:
                 ids = rm.ids_on(device)
+                keep = line[ids]  # advanced indexing copies: safe to overwrite the row next
                 line[:n].fill_(_NEG)
-                line[ids] = scores[r, ids]
+                line[ids] = keep
             line[n:base].fill_(_NEG)
             line[base + num_vrt :].fill_(_NEG)
             if num_vrt:

@@ -48,7 +48,7 @@ def parse(
     state = initial_state(
         strict=bool(strict), units=resolve_units(units), legacy_unit=_check_legacy_unit(legacy_unit)
     )
-    return state.feed(text).finish().result(None)
+    return state.finish(text).result(None)
 
 
 def token_positions(
@@ -88,7 +88,7 @@ def parse_ids(
         latin1=True,
     )
     try:
-        state = state.feed(text).finish()
+        state = state.finish(text)
     except TRPParseError as err:
         raise TRPParseError(
             err.offset, err.expected, err.found, max(bisect_right(starts, err.offset) - 1, 0)

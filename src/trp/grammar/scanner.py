@@ -145,6 +145,7 @@ class TripletProgress(NamedTuple):
     announced: int | None = None
 
 
+_new = tuple.__new__
 _NO_OUTPUT = Output()
 _NO_TASK = TaskProgress()
 _NO_TRIPLET = TripletProgress()
@@ -199,9 +200,13 @@ class ScanState(NamedTuple):
         m.run(False)
         return m.freeze()
 
-    def finish(self) -> ScanState:
-        """The state at the end of input (strict: raises when the answer is incomplete)."""
+    def finish(self, chunk: str = "") -> ScanState:
+        """The state after a last ``chunk`` and the end of input (strict: raises when the answer
+        is incomplete). ``state.finish(text)`` equals ``state.feed(text).finish()``."""
         m = Machine(self)
+        if chunk:
+            m.text = self.text + chunk
+            m.run(False)
         m.finish()
         return m.freeze()
 
@@ -419,41 +424,55 @@ class Machine:
         self.g_count = trip.announced
 
     def freeze(self) -> ScanState:
-        return ScanState(
-            self.config,
-            self.text,
-            self.pos,
-            self.mode,
-            self.span_start,
-            Output(
-                tuple(self.triplets),
-                tuple(self.spans),
-                tuple(self.offsets),
-                tuple(self.texts),
-                tuple(self.diagnostics),
-            ),
-            TaskProgress(
-                tuple(self.entries),
-                self.task_decode,
-                self.task_seen,
-                self.plan,
-                self.plan_index,
-                self.line_start,
-                self.name_start,
-                self.e_name,
-                self.e_unit,
-            ),
-            TripletProgress(
-                self.t_start,
-                self.c_start,
-                self.concept,
-                self.unit,
-                self.after_sep,
-                tuple(self.targets),
-                tuple(self.t_offsets),
-                tuple(self.run_ids),
-                tuple(self.run_offs),
-                self.g_count,
+        # ``tuple.__new__`` directly: the generated NamedTuple constructors (keyword handling,
+        # defaults) cost several times more, and a freeze happens on every feed.
+        return _new(
+            ScanState,
+            (
+                self.config,
+                self.text,
+                self.pos,
+                self.mode,
+                self.span_start,
+                _new(
+                    Output,
+                    (
+                        tuple(self.triplets),
+                        tuple(self.spans),
+                        tuple(self.offsets),
+                        tuple(self.texts),
+                        tuple(self.diagnostics),
+                    ),
+                ),
+                _new(
+                    TaskProgress,
+                    (
+                        tuple(self.entries),
+                        self.task_decode,
+                        self.task_seen,
+                        self.plan,
+                        self.plan_index,
+                        self.line_start,
+                        self.name_start,
+                        self.e_name,
+                        self.e_unit,
+                    ),
+                ),
+                _new(
+                    TripletProgress,
+                    (
+                        self.t_start,
+                        self.c_start,
+                        self.concept,
+                        self.unit,
+                        self.after_sep,
+                        tuple(self.targets),
+                        tuple(self.t_offsets),
+                        tuple(self.run_ids),
+                        tuple(self.run_offs),
+                        self.g_count,
+                    ),
+                ),
             ),
         )
 
