@@ -51,10 +51,21 @@ MODEL_CFG = {
     },
     "tokenizer": {"dir": None, "vocab_size": 400},
     "heads": {
-        "box": {"impl": "light", "d_model": 32, "n_heads": 2, "dim_feedforward": 64,
-                "num_layers": 1},
-        "mask": {"impl": "light", "d_model": 32, "n_heads": 2, "dim_feedforward": 64,
-                 "num_layers": 1, "mask_dim": 8},
+        "box": {
+            "impl": "light",
+            "d_model": 32,
+            "n_heads": 2,
+            "dim_feedforward": 64,
+            "num_layers": 1,
+        },
+        "mask": {
+            "impl": "light",
+            "d_model": 32,
+            "n_heads": 2,
+            "dim_feedforward": 64,
+            "num_layers": 1,
+            "mask_dim": 8,
+        },
     },
 }
 
@@ -76,8 +87,12 @@ def _model(**changes) -> TRPForConditionalGeneration:
 
 def _batch(*, with_answers: bool, target: str = "vrt", n: int = 4, first: int = 0) -> dict:
     collate = ReferringCollator(
-        tokenizer=_tokenizer(), grid=(4, 4), image_size=(64, 64), target=target,
-        with_answers=with_answers, prompt_first=True,
+        tokenizer=_tokenizer(),
+        grid=(4, 4),
+        image_size=(64, 64),
+        target=target,
+        with_answers=with_answers,
+        prompt_first=True,
     )
     return collate([_dataset()[i] for i in range(first, first + n)])
 
@@ -136,14 +151,18 @@ def test_generation_states_equal_the_teacher_forced_states(shift: int) -> None:
     torch.nn.init.normal_(model.vrt.context.proj.weight, std=0.5)
     batch = _batch(with_answers=False, n=3)
     gen = model.generate(
-        batch["images"], batch["input_ids"], batch["attention_mask"], max_new_tokens=12,
+        batch["images"],
+        batch["input_ids"],
+        batch["attention_mask"],
+        max_new_tokens=12,
         allow_ref=False,
     )
     assert all(p is not None for p in gen.parses), gen.parse_errors
     seq = gen.sequences
-    mask = torch.cat([batch["attention_mask"], torch.ones_like(seq[:, batch["input_ids"].shape[1]:])], 1)
-    parses = [p for p in gen.parses]
-    out = model(batch["images"], seq, mask, parses)
+    mask = torch.cat(
+        [batch["attention_mask"], torch.ones_like(seq[:, batch["input_ids"].shape[1] :])], 1
+    )
+    out = model(batch["images"], seq, mask, list(gen.parses))
     for unit, routed in gen.predictions.items():
         forced = out.predictions[unit].predictions
         for key in ("boxes", "masks"):
@@ -177,8 +196,12 @@ def test_forced_prefix_grounds_the_given_phrase() -> None:
     batch = _batch(with_answers=False, n=3)
     prefixes = batch["answer_prefix"]
     gen = model.generate(
-        batch["images"], batch["input_ids"], batch["attention_mask"], max_new_tokens=24,
-        forced_prefix=prefixes, allow_ref=False,
+        batch["images"],
+        batch["input_ids"],
+        batch["attention_mask"],
+        max_new_tokens=24,
+        forced_prefix=prefixes,
+        allow_ref=False,
     )
     for row, prefix in enumerate(prefixes):
         assert gen.ids[row, : len(prefix)].tolist() == prefix
@@ -230,19 +253,27 @@ def test_save_pretrained_reloads_in_a_fresh_process_with_identical_predictions(t
     assert not [n for n in saved if n.endswith((".pt", ".bin", ".pkl", ".pth"))], saved
     batch = _batch(with_answers=False, n=3, first=8)
     gen = model.generate(
-        batch["images"], batch["input_ids"], batch["attention_mask"], max_new_tokens=24,
-        allow_ref=False, forced_prefix=batch["answer_prefix"],
+        batch["images"],
+        batch["input_ids"],
+        batch["attention_mask"],
+        max_new_tokens=24,
+        allow_ref=False,
+        forced_prefix=batch["answer_prefix"],
     )
     assert len(gen.predictions["box"]) == 3  # the forced phrase makes every answer ground
     run = subprocess.run(
         [sys.executable, "-c", _RELOAD, str(tmp_path / "m")],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     again = json.loads(run.stdout.strip().splitlines()[-1])
     assert tuple(again["texts"]) == gen.texts
     torch.testing.assert_close(
-        torch.tensor(again["boxes"]), gen.predictions["box"].predictions["boxes"],
-        atol=1e-6, rtol=1e-6,
+        torch.tensor(again["boxes"]),
+        gen.predictions["box"].predictions["boxes"],
+        atol=1e-6,
+        rtol=1e-6,
     )
     with pytest.raises(FileNotFoundError, match="not a trp model"):
         TRPForConditionalGeneration.from_pretrained(tmp_path / "missing")

@@ -11,9 +11,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
-
 from transformers import Qwen2Config
 
 from trp.heads import BoxHead, MaskHead
@@ -176,6 +174,17 @@ def _load_vision_weights(vision: nn.Module, path: str | Path) -> None:
             f"model.vision.weights={path}: missing keys {result.missing_keys[:8]}, "
             f"unexpected keys {result.unexpected_keys[:8]}"
         )
+
+
+def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def build_model_from_saved(directory: Path) -> TRPForConditionalGeneration:

@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from einops import rearrange
 from torch import Tensor, nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel, Qwen2Config
@@ -76,8 +75,9 @@ class ReferenceVLMConfig(PretrainedConfig):
         image_token_id: int | None = None,
         **kwargs: Any,
     ) -> None:
-        vision = dict(vision or {"name": "vit_tiny_patch16_224", "embed_dim": 192, "depth": 4,
-                                 "num_heads": 3})
+        vision = dict(
+            vision or {"name": "vit_tiny_patch16_224", "embed_dim": 192, "depth": 4, "num_heads": 3}
+        )
         unknown = sorted(set(vision) - set(_VISION_KEYS))
         if unknown:
             raise ValueError(f"vision config: unknown keys {unknown}; known: {list(_VISION_KEYS)}")
@@ -119,7 +119,11 @@ class ReferenceVLMConfig(PretrainedConfig):
 
 
 def build_vision_encoder(
-    vision: Mapping[str, Any], *, image_size: int, patch_size: int, in_chans: int = 3,
+    vision: Mapping[str, Any],
+    *,
+    image_size: int,
+    patch_size: int,
+    in_chans: int = 3,
     input_stride: int = 1,
 ) -> nn.Module:
     """A timm ViT without classifier (``pretrained=False``: nothing is downloaded).
@@ -180,10 +184,15 @@ class ReferenceVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
             down = int(vision.get("stem_downsample") or 0)
             self.vit_stem = StemDownsample(self.fine_stem, down) if down else None
             stride = self.vit_stem.stride if self.vit_stem is not None else ConvStem.stride
-            width = self.vit_stem.num_features if self.vit_stem is not None else config.fine_channels
+            width = (
+                self.vit_stem.num_features if self.vit_stem is not None else config.fine_channels
+            )
             self.vision = build_vision_encoder(
-                vision, image_size=config.image_size, patch_size=config.patch_size,
-                in_chans=width, input_stride=stride,
+                vision,
+                image_size=config.image_size,
+                patch_size=config.patch_size,
+                in_chans=width,
+                input_stride=stride,
             )
         else:
             self.vision = build_vision_encoder(
@@ -233,8 +242,7 @@ class ReferenceVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         size = self.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != size:
             raise ValueError(
-                f"pixel_values must be [B, 3, {size[0]}, {size[1]}], "
-                f"got {list(pixel_values.shape)}"
+                f"pixel_values must be [B, 3, {size[0]}, {size[1]}], got {list(pixel_values.shape)}"
             )
         fine = self.fine_stem(pixel_values) if self.fine_stem is not None else None
         if self.config.vision.get("conv_stem"):
@@ -285,9 +293,7 @@ class ReferenceVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         # Beams / num_return_sequences expand the prompts after the images were encoded.
         per = input_ids.shape[0] // image_embeds.shape[0]
         if per * image_embeds.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"{image_embeds.shape[0]} images for {input_ids.shape[0]} prompts"
-            )
+            raise ValueError(f"{image_embeds.shape[0]} images for {input_ids.shape[0]} prompts")
         source = image_embeds.repeat_interleave(per, dim=0) if per > 1 else image_embeds
         return embeds.masked_scatter(is_image[..., None], source[rows].to(embeds.dtype))
 

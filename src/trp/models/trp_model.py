@@ -167,7 +167,6 @@ class TRPForConditionalGeneration(nn.Module):
     def vrt_base(self) -> int:
         return self.vrt.vrt_base
 
-
     @property
     def image_size(self) -> tuple[int, int]:
         """The host's fixed input size ``(H, W)`` (hosts with dynamic resolution have none)."""
@@ -200,9 +199,7 @@ class TRPForConditionalGeneration(nn.Module):
         processor's other image tensors (e.g. Qwen's ``image_grid_thw``)."""
         images = self.vlm.encode_images(pixel_values, **image_inputs)
         binding = self.binding_of(images)
-        with self.vrt.bind(
-            binding=binding, features=images.flat_tokens, input_ids=input_ids
-        ):
+        with self.vrt.bind(binding=binding, features=images.flat_tokens, input_ids=input_ids):
             hidden = self.vlm.language_states(input_ids, attention_mask, images)  # B x L x D
             rows = self.vrt.rows
         assert rows is not None
@@ -303,8 +300,7 @@ class TRPForConditionalGeneration(nn.Module):
         if forced_prefix is not None:
             if len(forced_prefix) != b:
                 raise ValueError(
-                    f"forced_prefix needs one token list per sample ({b}), got "
-                    f"{len(forced_prefix)}"
+                    f"forced_prefix needs one token list per sample ({b}), got {len(forced_prefix)}"
                 )
             longest = max((len(p) for p in forced_prefix), default=0)
             if longest >= max_new_tokens:
@@ -337,7 +333,9 @@ class TRPForConditionalGeneration(nn.Module):
             body = row[:end]
             texts.append(self.vocab.decode(body))
             try:
-                parses.append(shift_positions(parse_ids(body, vocab=self.vocab, strict=True), start))
+                parses.append(
+                    shift_positions(parse_ids(body, vocab=self.vocab, strict=True), start)
+                )
                 errors.append(None)
             except ValueError as err:
                 parses.append(None)

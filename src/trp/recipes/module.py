@@ -191,9 +191,9 @@ class ReferringModule(L.LightningModule):
         grid = out.images.grids[0]
         states = out.hidden[is_image].reshape(ids.shape[0], grid[0] * grid[1], -1)  # B x N x D
         logits = self.referent_probe(states)[..., 0]  # B x N
-        coverage = torch.stack(
-            [mask_coverage(m, grid).flatten() for m in batch["masks"]]
-        ).to(logits.device)  # B x N
+        coverage = torch.stack([mask_coverage(m, grid).flatten() for m in batch["masks"]]).to(
+            logits.device
+        )  # B x N
         bce = F.binary_cross_entropy_with_logits(logits, coverage)
         return float(self.loss_cfg["patch_referent"]) * bce
 
@@ -238,9 +238,7 @@ class ReferringModule(L.LightningModule):
         if "mask" in predictions:
             routed = predictions["mask"]
             sample = routed.sample.to(batch["masks_small"].device)
-            part = self.mask_criterion(
-                routed.predictions, {"masks": batch["masks_small"][sample]}
-            )
+            part = self.mask_criterion(routed.predictions, {"masks": batch["masks_small"][sample]})
             losses.update({f"mask/{k}": v for k, v in part.items()})
         return losses
 

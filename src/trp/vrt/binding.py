@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 __all__ = ["ImageBinding"]
@@ -128,6 +129,35 @@ class ImageBinding:
             raise ValueError(f"grid h and w must be multiples of spatial_merge_size={m}")
         merged = torch.stack([thw[:, 0], thw[:, 1] // m, thw[:, 2] // m], dim=1)
         return cls.from_grids(merged, images_per_sample, vrt_base=vrt_base)
+
+    # ------------------------------------------------------------------ feature maps
+    def feature_maps(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-image maps from flat patch features: ``features (Tensor[ΣP, C])`` in binding
+        order -> ``(maps [N, C, H_max, W_max], padding [N, H_max, W_max] bool)``.
+
+        Images of different grids are padded (bottom/right) to the largest; ``padding`` is
+        True there, for the heads to ignore (:class:`trp.heads.HeadInputs.padding_masks`).
+        Video frames (``T > 1``) are not maps: such a binding raises.
+        """
+        if features.dim() != 2 or features.shape[0] != self.total_patches:
+            raise ValueError(
+                f"features must be [{self.total_patches}, C], got {list(features.shape)}"
+            )
+        if self.num_images == 0:
+            raise ValueError("the binding has no image")
+        if bool((self.grids[:, 0] != 1).any()):
+            raise ValueError("feature_maps needs single-frame images (T = 1)")
+        heights, widths = self.grids[:, 1].tolist(), self.grids[:, 2].tolist()
+        hm, wm = max(heights), max(widths)
+        n, c = self.num_images, features.shape[1]
+        maps = features.new_zeros(n, c, hm, wm)
+        padding = torch.ones(n, hm, wm, dtype=torch.bool, device=features.device)
+        starts = self.image_offsets.tolist()
+        for i, (h, w) in enumerate(zip(heights, widths)):
+            block = features[starts[i] : starts[i + 1]]  # (h w) x C
+            maps[i, :, :h, :w] = rearrange(block, "(h w) c -> c h w", h=h)
+            padding[i, :h, :w] = False
+        return maps, padding
 
     # ------------------------------------------------------------------ sizes
     @property
