@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cmath>
+#include <vector>
 
 #include <torch/version.h>
 
@@ -180,27 +181,34 @@ inline void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
   if (tokens == 0) {
     return;
   }
-  TORCH_CHECK_VALUE(sample_index.min().item<int64_t>() >= 0 &&
-                        sample_index.max().item<int64_t>() < samples,
-                    "sample_index must lie in [0, ", samples, ")");
+  // The value checks are computed on the inputs' device and read back together: one host sync
+  // (the offsets above are read on the host anyway). Out-of-range sample indices are clamped for
+  // the gather so that reading `own` cannot fault before the check reports them.
   const at::Tensor counts = proto_offsets.slice(0, 1) - proto_offsets.slice(0, 0, samples);
-  const at::Tensor own = counts.index_select(0, sample_index);  // T: VRTs of each token
+  const at::Tensor bad_sample = ((sample_index < 0) | (sample_index >= samples)).any();
+  const at::Tensor own = counts.index_select(0, sample_index.clamp(0, samples - 1));  // T
   const at::Tensor active = labels != ignore_index;
-  const at::Tensor bad = active & ((labels < 0) | (labels >= own + vocab));
-  TORCH_CHECK_VALUE(!bad.any().item<bool>(),
+  const at::Tensor bad_label = (active & ((labels < 0) | (labels >= own + vocab))).any();
+  std::vector<at::Tensor> flags{bad_sample, bad_label};
+  const int64_t num_ex = ex_ids.size(0);
+  if (num_ex > 0) {
+    const at::Tensor per_token = ex_off.slice(0, 1) - ex_off.slice(0, 0, tokens);
+    // output_size: no sync to size the result.
+    const at::Tensor token_of = at::repeat_interleave(
+        at::arange(tokens, sample_index.options()), per_token, 0, num_ex);  // E: owning token
+    flags.push_back(((ex_ids < 0) | (ex_ids >= own.index_select(0, token_of))).any());
+    flags.push_back(((ex_ids + vocab) == labels.index_select(0, token_of)).any());
+  }
+  const at::Tensor host = at::stack(flags).to(at::kCPU);
+  const bool* bad = host.const_data_ptr<bool>();
+  TORCH_CHECK_VALUE(!bad[0], "sample_index must lie in [0, ", samples, ")");
+  TORCH_CHECK_VALUE(!bad[1],
                     "labels must be ignore_index, a text id in [0, V) or a VRT id V + k with k "
                     "below the token's own patch count (V = ",
                     vocab, ")");
-  if (ex_ids.size(0) > 0) {
-    const at::Tensor per_token = ex_off.slice(0, 1) - ex_off.slice(0, 0, tokens);
-    const at::Tensor token_of = at::repeat_interleave(
-        at::arange(tokens, sample_index.options()), per_token);  // E: owning token
-    const at::Tensor limit = own.index_select(0, token_of);
-    TORCH_CHECK_VALUE(!((ex_ids < 0) | (ex_ids >= limit)).any().item<bool>(),
-                      "exclude_ids must be local VRT indices of the token's own sample");
-    const at::Tensor hits_label = (ex_ids + vocab) == labels.index_select(0, token_of);
-    TORCH_CHECK_VALUE(!hits_label.any().item<bool>(),
-                      "exclude_ids must not contain the token's own label");
+  if (num_ex > 0) {
+    TORCH_CHECK_VALUE(!bad[2], "exclude_ids must be local VRT indices of the token's own sample");
+    TORCH_CHECK_VALUE(!bad[3], "exclude_ids must not contain the token's own label");
   }
 }
 
