@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from trp.grammar import TokenVocab, TRPLogitsProcessor, add_trp_tokens, encode_text
-from trp.grammar.constrained import prepare_tokens
+from trp.grammar.constrained import prepare_tokens, vocab_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trp" / "bench_tokenizers"
@@ -229,7 +229,8 @@ def run(quick: bool) -> dict:
         train_s = time.perf_counter() - t0
         tok = bpe_tokenizer(size)  # a fresh object: nothing of it is cached yet
         t0 = time.perf_counter()
-        vocab = prepare_tokens(tok, eos_token_id=tok.eos_token_id).vocab
+        vocab = vocab_of(tok)
+        prepare_tokens(tok, eos_token_id=tok.eos_token_id, vocab=vocab)
         tokens_s = time.perf_counter() - t0
         ids, mask, prompt_len = _batch(tok, vocab, max(batches))
         scores_all = torch.randn(ids.shape[0], vocab.vrt_base + NUM_VRT)

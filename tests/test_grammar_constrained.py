@@ -154,7 +154,7 @@ def _brute_force(proc: TRPLogitsProcessor, state) -> dict[int, int]:
     table = proc.table
     tags = set(table.tags)
     out = {}
-    for i, piece in enumerate(table.vocab.pieces):
+    for i, piece in enumerate(table.pieces):
         if i in tags or bool(table.ordinary[i]):
             out[i] = proc.tables.probe(
                 state, piece, ordinary=i not in tags, tokenizer=proc.tokenizer

@@ -37,10 +37,17 @@ from trp.grammar.tokenizer import TokenVocab, encode_text
 from trp.grammar.tokens import GRAMMAR_TAGS, IMAGE, VPT
 from trp.grammar.units import resolve_units
 
-__all__ = ["ForcedPrefixLogitsProcessor", "TRPLogitsProcessor", "TokenTable", "prepare_tokens"]
+__all__ = [
+    "ForcedPrefixLogitsProcessor",
+    "TRPLogitsProcessor",
+    "TokenTable",
+    "prepare_tokens",
+    "vocab_of",
+]
 
 _GRAMMAR_TAG = re.compile(r"<(?:/?(?:Task|Phrase|Unit)>|REF>)")
 _NEG = float("-inf")
+_MAX_STATES = 20_000
 
 
 # ------------------------------------------------------------------------------------ tokens
@@ -66,7 +73,9 @@ class TokenTable:
     ) -> None:
         pieces = vocab.pieces
         n = len(pieces)
-        self.vocab = vocab
+        # The pieces, not the vocabulary object: the cache is keyed weakly by that object.
+        self.pieces = pieces
+        self.vrt_base = vocab.vrt_base
         self.size = n
         self.eos = tuple(sorted(set(eos)))
         tag_ids: dict[str, list[int]] = {t: [] for t in GRAMMAR_TAGS}
@@ -107,6 +116,7 @@ class TokenTable:
             self._by_piece.setdefault(p, []).append(i)
         # Tables of each grammar configuration (units, target kinds), filled lazily.
         self.grammars: dict[tuple[object, ...], _StateTables] = {}
+        self._reps: dict[int, list[int]] = {}
         self.costs: dict[str, int] = {}
 
     def starting_with(self, s: str) -> list[int]:
@@ -118,6 +128,14 @@ class TokenTable:
     def equal_to(self, s: str) -> list[int]:
         """Ordinary token ids whose piece is exactly ``s``."""
         return self._by_piece.get(s, [])
+
+    def representatives(self, cls: torch.Tensor) -> list[int]:
+        """A few token ids of a class (``free`` or ``name_free``), to stand for all of it."""
+        key = id(cls)
+        reps = self._reps.get(key)
+        if reps is None:
+            reps = self._reps[key] = cls.nonzero()[:64].flatten().tolist()
+        return reps
 
     def default_of(self, text: str | None) -> torch.Tensor | None:
         """The state-preserving class of a kind of free text (None: no free text)."""
@@ -134,7 +152,8 @@ _TABLES: weakref.WeakKeyDictionary[Any, dict[tuple[object, ...], TokenTable]] = 
 _VOCABS: weakref.WeakKeyDictionary[Any, tuple[int, TokenVocab]] = weakref.WeakKeyDictionary()
 
 
-def _vocab_of(tokenizer: Any) -> TokenVocab:
+def vocab_of(tokenizer: Any) -> TokenVocab:
+    """``TokenVocab.from_tokenizer(tokenizer)``, cached with the tokenizer object."""
     # Building the piece table reads every token (~0.5 s at 150k): once per tokenizer, redone
     # only when tokens were added since.
     cached = _VOCABS.get(tokenizer)
@@ -167,7 +186,7 @@ def prepare_tokens(
     """
     eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
     owner = vocab if vocab is not None else tokenizer
-    vocab = vocab if vocab is not None else _vocab_of(tokenizer)
+    vocab = vocab if vocab is not None else vocab_of(tokenizer)
     added = tuple(i for i in _added_ids(tokenizer) if i < len(vocab.pieces))
     key = (len(vocab.pieces), vocab.vrt_base, eos, added, tuple(sorted(set(banned_ids))))
     per_owner = _TABLES.setdefault(owner, {})
@@ -267,6 +286,11 @@ class _StateTables:
         key = state.key
         e = self.entries.get(key)
         if e is None:
+            if len(self.entries) >= _MAX_STATES:
+                # Task-line names and planned phrases make states without bound: start over
+                # rather than grow (the common states come back within a call).
+                self.entries.clear()
+                self.completions.clear()
             e = self.entries[key] = self._compute(state, tokenizer)
         return e
 
@@ -281,7 +305,7 @@ class _StateTables:
         costs = self.table.costs
         c = costs.get(text)
         if c is None:
-            c = costs[text] = len(encode_text(tokenizer, text, vrt_base=self.table.vocab.vrt_base))
+            c = costs[text] = len(encode_text(tokenizer, text, vrt_base=self.table.vrt_base))
         return c
 
     def probe(self, state: ScanState, piece: str, *, ordinary: bool, tokenizer: Any) -> int:
@@ -355,7 +379,7 @@ class _StateTables:
 
     def _compute(self, state: ScanState, tokenizer: Any) -> _StateEntry:
         table = self.table
-        pieces = table.vocab.pieces
+        pieces = table.pieces
         tags = set(table.tags)
         default, cands = self._candidates(state)
         ids = sorted(cands)
@@ -364,13 +388,14 @@ class _StateTables:
         ]
         default_cost = -1
         if default is not None:
-            rest = default.clone()
-            if ids:
+            # Every token of the class leaves the same kind of state; one stands for all.
+            rep = next((i for i in table.representatives(default) if i not in cands), None)
+            if rep is None:
+                rest = default.clone()
                 rest[ids] = False
-            nz = rest.nonzero()
-            if len(nz):
-                # Every token of the class leaves the same kind of state; one stands for all.
-                rep = int(nz[0, 0])
+                nz = rest.nonzero()
+                rep = int(nz[0, 0]) if len(nz) else None
+            if rep is not None:
                 default_cost = self.probe(state, pieces[rep], ordinary=True, tokenizer=tokenizer)
                 if default_cost >= 0 and state.follow().text == "name":
                     # A class name is spelled once more in its triplet: a longer name may cost a
@@ -444,7 +469,7 @@ class TRPLogitsProcessor(LogitsProcessor):
         self.tokenizer = tokenizer
         self.inplace = bool(inplace)
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        vocab = vocab or _vocab_of(tokenizer)
+        vocab = vocab or vocab_of(tokenizer)
         if not eos or not all(isinstance(e, int) and 0 <= e < len(vocab.pieces) for e in eos):
             raise ValueError(f"eos_token_id must be text-vocabulary id(s), got {eos_token_id!r}")
         self.vocab = vocab
