@@ -7,6 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.test_grammar_fixtures import offline_tokenizer
 from trp.grammar import (
     DEFAULT_UNITS,
     IncrementalParser,
@@ -14,9 +15,11 @@ from trp.grammar import (
     Target,
     TaskBlock,
     TaskEntry,
+    TokenVocab,
     Triplet,
     TRPParseError,
     VisualPrompt,
+    encode_text,
     format_answer,
     format_depth,
     format_detection,
@@ -31,10 +34,12 @@ from trp.grammar import (
     format_vpt_question,
     format_vqa,
     parse,
+    parse_ids,
     parse_vrt,
     register_unit,
     registered_units,
     render_vrt,
+    route_targets,
     unregister_unit,
     vrt_token,
 )
@@ -172,13 +177,33 @@ def test_family_grounded_caption_inline() -> None:
         format_grounded_caption(caption, [(12, 20, [1]), (2, 5, [1])])
 
 
-def test_family_keypoints_ride_on_box_targets() -> None:
+def test_family_keypoints_have_their_own_unit() -> None:
     kp = torch.zeros(17, 3)
     fa = format_keypoints([("person", {"box": (0, 0, 5, 5), "keypoints": kp})] * 2)
-    assert fa.text == "<Phrase>person</Phrase>(<Unit>box</Unit>[0]<REF>[1]<REF>)."
+    assert fa.text == "<Phrase>person</Phrase>(<Unit>keypoint</Unit>[0]<REF>[1]<REF>)."
+    assert parse(fa.text).triplets == (Triplet("person", "keypoint", refs(2)),)
     assert all(lab["keypoints"] is kp for lab in fa.labels[0])
+    vrt = format_keypoints([("star", {"keypoints": kp})], patches=[[4, 5]])
+    assert vrt.text == "<Phrase>star</Phrase>(<Unit>keypoint</Unit><|VRT_4|><|VRT_5|>)."
+    assert format_keypoints([]).text == "None."
     with pytest.raises(ValueError, match="keypoints"):
         format_keypoints([("person", {"box": (0, 0, 1, 1)})])
+    with pytest.raises(TypeError, match="tuple"):
+        format_keypoints(["person"])  # type: ignore[list-item]
+
+
+def test_boxes_and_keypoints_in_one_answer_route_to_their_heads() -> None:
+    kp = {"keypoints": torch.zeros(5, 3)}
+    box = format_detection([("circle", (0, 0, 4, 4)), ("star", (5, 5, 9, 9))])
+    key = format_keypoints([("circle", kp)])
+    text = format_answer(box.triplets + key.triplets)
+    tok = offline_tokenizer("bpe")
+    routed = route_targets(
+        [parse_ids(encode_text(tok, text), vocab=TokenVocab.from_tokenizer(tok))]
+    )
+    assert routed["box"].concepts == ("circle", "star")
+    assert routed["keypoint"].concepts == ("circle",)
+    assert routed["keypoint"].triplet.tolist() == [2]
 
 
 def test_family_depth() -> None:

@@ -266,13 +266,20 @@ def format_keypoints(
     task_block: bool = False,
     empty: str = "None.",
 ) -> FormattedAnswer:
-    """Keypoints: a ``box`` unit per instance; each payload (with a ``"keypoints"`` entry) rides
-    on that instance's target, so the keypoint decoder reads the box queries' labels."""
-    for i, (_, payload) in enumerate(instances):
-        if not isinstance(payload, Mapping) or "keypoints" not in payload:
+    """Keypoints: one ``<Unit>keypoint</Unit>`` triplet per category, one target per instance.
+
+    Each payload (a mapping with a ``"keypoints"`` entry, e.g. ``Tensor[K, 3]``) rides on its
+    instance's target. The unit is ``keypoint``, not ``box``, because routing is per triplet: an
+    answer that also carries ``box`` triplets (build it with :func:`format_answer`) sends those
+    to the box head and these to the keypoint head.
+    """
+    for i, inst in enumerate(instances):
+        if not isinstance(inst, tuple) or len(inst) != 2:
+            raise TypeError(f"instance {i} must be a (category, payload) tuple")
+        if not isinstance(inst[1], Mapping) or "keypoints" not in inst[1]:
             raise ValueError(f"instance {i}: payload must be a mapping with 'keypoints'")
     return format_detection(
-        instances, unit="box", patches=patches, task_block=task_block, empty=empty
+        instances, unit="keypoint", patches=patches, task_block=task_block, empty=empty
     )
 
 
