@@ -266,4 +266,3 @@ class BoxHead(nn.Module):
             base = torch.where(found, extent.to(base.dtype), base)
         out["boxes"] = (self.box_embed[0](token) + inverse_sigmoid(base)).sigmoid()
         return out
-

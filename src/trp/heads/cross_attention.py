@@ -49,9 +49,9 @@ class DenseCrossAttention(nn.Module):
         """``query`` [B, Nt, D] -> [B, Nt, D]; ``reference_points`` are not used."""
         keys = memory.flat + memory.flat_pos  # B x S x D
         values = keys if self.value_pos else memory.flat
-        return self.attn(
-            query, keys, values, key_padding_mask=memory.padding, need_weights=False
-        )[0]
+        return self.attn(query, keys, values, key_padding_mask=memory.padding, need_weights=False)[
+            0
+        ]
 
 
 class DeformableCrossAttention(nn.Module):

@@ -112,9 +112,7 @@ class DepthCriterion(nn.Module):
     def _resize(depth: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
         if depth.shape[-2:] == size or depth.shape[0] == 0:
             return depth
-        return F.interpolate(depth[:, None], size=size, mode="bilinear", align_corners=False)[
-            :, 0
-        ]
+        return F.interpolate(depth[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
     def forward(
         self, predictions: dict, targets: dict, *, pred_group: Tensor | None = None
@@ -136,8 +134,7 @@ class DepthCriterion(nn.Module):
         gt = targets.get("depth")
         if not isinstance(gt, Tensor) or gt.dim() != 3:
             raise ValueError(
-                f"targets['depth'] must have shape [G, H, W], got "
-                f"{list(getattr(gt, 'shape', []))}"
+                f"targets['depth'] must have shape [G, H, W], got {list(getattr(gt, 'shape', []))}"
             )
         pi, ti = self.match(predictions, targets, pred_group)
         pi, ti = pi.to(pred.device), ti.to(gt.device)

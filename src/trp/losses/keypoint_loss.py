@@ -16,6 +16,7 @@ from trp.ops.oks import COCO_KEYPOINT_SIGMAS, oks_cost
 
 __all__ = ["COCO_KEYPOINT_SIGMAS", "KeypointCriterion", "object_keypoint_similarity"]
 
+
 def object_keypoint_similarity(
     pred: Tensor, target: Tensor, areas: Tensor, sigmas: Tensor, eps: float = 1e-6
 ) -> Tensor:
