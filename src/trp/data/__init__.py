@@ -33,8 +33,24 @@ from trp.data.scene import (
     sample_scene,
 )
 from trp.data.shapes import TASKS, ShapesDataset
+from trp.data.unified import (
+    DEFAULT_MIXTURE,
+    GROUNDING_TASKS,
+    TARGET_KINDS,
+    TASK_UNITS,
+    UNIFIED_TASKS,
+    UnifiedShapesDataset,
+    collate_unified,
+)
 
 __all__ = [
+    "DEFAULT_MIXTURE",
+    "GROUNDING_TASKS",
+    "TARGET_KINDS",
+    "TASK_UNITS",
+    "UNIFIED_TASKS",
+    "UnifiedShapesDataset",
+    "collate_unified",
     "COLORS",
     "COLOR_NAMES",
     "EXPRESSION_KINDS",
