@@ -170,3 +170,28 @@ def test_test_cuda_imports_without_hydra_or_pytest():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("None ")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_matching_and_box_ops_under_cpu_bf16_autocast(fused, gen):
+    # Head outputs come out of autocast in bfloat16, the targets are float32: the ops take them
+    # as they are (no casting by the caller) and compute in float32.
+    logits = torch.randn(2, 5, 4, generator=gen)
+    boxes = torch.rand(2, 5, 4, generator=gen) * 0.4 + 0.2
+    tgt_boxes = torch.rand(3, 4, generator=gen) * 0.4 + 0.2
+    tgt_labels = torch.tensor([0, 3, 1])
+    offsets = torch.tensor([0, 2, 3])
+    with native.use_fused(fused):
+        want = trp.ops.match_cost(
+            logits.bfloat16().float(), boxes.bfloat16().float(), tgt_labels, tgt_boxes, offsets
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = trp.ops.match_cost(
+                logits.bfloat16(), boxes.bfloat16(), tgt_labels, tgt_boxes, offsets
+            )
+            iou = trp.ops.generalized_box_iou(boxes[0].bfloat16(), tgt_boxes)
+    assert got.costs.dtype == torch.float32 and iou.dtype == torch.float32
+    torch.testing.assert_close(got.costs, want.costs)
+    torch.testing.assert_close(
+        iou, trp.ops.reference.generalized_box_iou(boxes[0].bfloat16().float(), tgt_boxes)
+    )

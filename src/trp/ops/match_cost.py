@@ -27,6 +27,7 @@ from trp.ops._validate import (
     check_same,
     check_tensor,
     check_values_here,
+    float_dtype,
 )
 
 __all__ = ["MatchCost", "PackedCost", "class_cost_table", "match_cost"]
@@ -138,8 +139,12 @@ def match_cost(
             and (int(tgt_labels.min()) < 0 or int(tgt_labels.max()) >= num_classes)
         ):
             raise ValueError(f"tgt_labels must lie in [0, {num_classes})")
+        # float32 under autocast: bfloat16 class costs would tie near-equal queries.
         class_cost = class_cost_table(
-            pred_logits.detach(), class_mode, alpha=focal_alpha, gamma=focal_gamma
+            pred_logits.detach().to(float_dtype(pred_logits)),
+            class_mode,
+            alpha=focal_alpha,
+            gamma=focal_gamma,
         )
     if num_targets and num_queries == 0:
         raise ValueError("targets need at least one query to match")
