@@ -68,6 +68,7 @@ class BoxIoU(nn.Module):
 
 def _register() -> None:
     def fake_pairwise(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+        _check(boxes1, boxes2)
         return boxes1.new_empty((boxes1.shape[0], boxes2.shape[0]))
 
     torch.library.register_fake("trp::box_iou")(fake_pairwise)

@@ -43,7 +43,10 @@ __all__ = [
 ]
 
 
-def _check_features(mask_embed: Tensor, pixel_features: Tensor, image_index: Tensor) -> None:
+def _check_features(
+    mask_embed: Tensor, pixel_features: Tensor, image_index: Tensor, *, values: bool = True
+) -> None:
+    """Shapes, dtypes, devices; and the index range when ``values`` (not in the fake kernels)."""
     check_floating(mask_embed, "mask_embed")
     check_floating(pixel_features, "pixel_features")
     check_tensor(image_index, "image_index")
@@ -69,7 +72,8 @@ def _check_features(mask_embed: Tensor, pixel_features: Tensor, image_index: Ten
     # A value check reads data, which torch.compile cannot trace and which is a host sync on
     # CUDA: the native op makes it itself, so only the reference path checks here.
     if (
-        not torch.compiler.is_compiling()
+        values
+        and not torch.compiler.is_compiling()
         and check_values_here(mask_embed, should_use_fused(mask_embed))
         and image_index.numel()
         and (int(image_index.min()) < 0 or int(image_index.max()) >= num_images)
@@ -399,10 +403,14 @@ class PointMaskLoss(nn.Module):
 def _register() -> None:
     @torch.library.register_fake("trp::point_mask_logits")
     def _(mask_embed, pixel_features, image_index, points):
+        _check_features(mask_embed, pixel_features, image_index, values=False)
+        _check_points(mask_embed, points)
         return mask_embed.new_empty((mask_embed.shape[0], points.shape[1]))
 
     @torch.library.register_fake("trp::point_mask_loss")
     def _(mask_embed, pixel_features, image_index, target_masks, points):
+        _check_features(mask_embed, pixel_features, image_index, values=False)
+        _check_points(mask_embed, points)
         return mask_embed.new_empty((mask_embed.shape[0], 2))
 
     @torch.library.register_fake("trp::point_mask_logits_backward")
