@@ -25,6 +25,13 @@ from trp.vrt.targets import (
     target_patches,
 )
 from trp.vrt.token_loss import vrt_token_loss
+from trp.vrt.visual_prompt import (
+    VisualPromptEncoder,
+    expand_vpt,
+    prompt_coverage,
+    prompt_masks,
+    splice_prompt_tokens,
+)
 
 __all__ = [
     "ImageBinding",
@@ -35,11 +42,16 @@ __all__ = [
     "VRTGeneration",
     "VRTHead",
     "VRTPrototypes",
+    "VisualPromptEncoder",
     "box_coverage",
+    "expand_vpt",
     "mask_coverage",
+    "prompt_coverage",
+    "prompt_masks",
     "rasterize_box",
     "robust_exclusions",
     "sample_target_patches",
+    "splice_prompt_tokens",
     "target_patches",
     "vrt_token_loss",
 ]
