@@ -38,7 +38,10 @@ def compose(overrides: Sequence[str] = (), *, config_name: str = "train") -> Dic
     from hydra import initialize_config_module
 
     with initialize_config_module(config_module="trp.configs", version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    # Keys added with + and bad values fail here, naming the key (trp.recipes.schema).
+    validate_config(cfg)
+    return cfg
 
 
 def parse_max_time(value: str | None) -> float | None:
@@ -56,7 +59,7 @@ def _collators(cfg: DictConfig, tokenizer, grid: int) -> tuple[ReferringCollator
         "image_size": (cfg.model.image_size, cfg.model.image_size),
         "target": cfg.recipe.target,
         "num_vrt": int(cfg.recipe.num_vrt),
-        "prompt_first": bool(cfg.recipe.get("prompt_first", False)),
+        "prompt_first": bool(cfg.recipe.prompt_first),
     }
     return (
         ReferringCollator(**common, with_answers=True),
