@@ -482,3 +482,38 @@ def test_forced_prefix_rejects_bad_input() -> None:
     assert proc(torch.zeros(4, 4, dtype=torch.long), scores) is scores
     with pytest.raises(ValueError, match="rows"):
         proc(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 10))
+
+
+def test_padded_columns_finished_rows_and_in_place_agree() -> None:
+    tok = offline_tokenizer("bpe")
+    vocab = TokenVocab.from_tokenizer(tok)
+    mask = torch.zeros(2, NUM_VRT, dtype=torch.bool)
+    mask[0, 3] = mask[1, 5] = True
+    eos = tok.eos_token_id
+    prefix = encode_text(tok, "<Phrase>dog</Phrase>(<Unit>box</Unit>", vrt_base=vocab.vrt_base)
+    prompt = encode_text(tok, "find the dog")
+    # Rows 0, 1 are sample 0 (patch 3), rows 2, 3 sample 1 (patch 5): consecutive, as generate.
+    rows = torch.tensor([prompt + prefix + [vocab.vrt_base + k] for k in (3, 3, 5, 5)])
+    rows[3, -1] = eos  # a finished row: generate pads it, the processor leaves it alone
+    rows[3, -2] = eos
+    width = vocab.vrt_base + NUM_VRT + 7  # embeddings padded beyond the VRTs
+    scores = torch.randn(4, width)
+    outs = []
+    for inplace in (False, True):
+        proc = TRPLogitsProcessor(
+            tokenizer=tok, eos_token_id=eos, vrt_mask=mask, vocab=vocab, inplace=inplace
+        )
+        for t in range(len(prompt), rows.shape[1]):  # as generate calls it, step by step
+            proc(rows[:, :t], scores.clone())
+        s = scores.clone()
+        outs.append(proc(rows, s))
+        assert (outs[-1] is s) == inplace
+    assert torch.equal(outs[0], outs[1])
+    out = outs[0]
+    assert torch.isinf(out[:3, vocab.vrt_base + NUM_VRT :]).all()
+    assert torch.equal(out[3], scores[3])
+    vrt = out[:3, vocab.vrt_base : vocab.vrt_base + NUM_VRT]
+    # In the open run only the other own patch could follow, and there is none: no VRT.
+    assert torch.isinf(vrt).all()
+    close = encode_text(tok, ")")[0]
+    assert torch.isfinite(out[:3, close]).all()

@@ -586,6 +586,12 @@ class TRPLogitsProcessor(LogitsProcessor):
         out = scores if self.inplace else scores.clone()
         device = scores.device
         now: dict[tuple[int, ...], _Row] = {}
+        # Rows sharing a state (and budget) share one row mask: apply each mask once to all its
+        # rows, so the tensor work per step grows with the number of distinct states, not rows.
+        groups: dict[int, tuple[_RowMask, list[int]]] = {}
+        vrt_rows: list[tuple[int, int, ScanState]] = []
+        no_vrt: list[int] = []
+        active: list[int] = []
         for r, g in enumerate(generated):
             key = tuple(g)
             sample = r // per_sample
@@ -593,7 +599,6 @@ class TRPLogitsProcessor(LogitsProcessor):
             now[key] = row
             if row.state is None:
                 continue  # finished rows are padded by generate; leave them alone
-            line = out[r]
             if not row.forced:
                 rm = self.tables.entry(row.state, self.tokenizer).mask(budget, self.table)
                 if rm.empty:
@@ -601,41 +606,69 @@ class TRPLogitsProcessor(LogitsProcessor):
                     comp = row.state.completion(self._fill(sample))
                     row = now[key] = _Row(row.state, tuple(self._encode(comp)))
             if row.forced:
+                line = out[r]
                 t = row.forced[0]
                 keep = line[t].clone()
                 line.fill_(_NEG)
                 line[t] = keep
                 continue
-            if rm.deny:
-                line[:n].index_fill_(0, rm.ids_on(device), _NEG)
-            else:
-                ids = rm.ids_on(device)
-                keep = line[ids]  # advanced indexing copies: safe to overwrite the row next
-                line[:n].fill_(_NEG)
-                line[ids] = keep
-            line[n:base].fill_(_NEG)
-            line[base + num_vrt :].fill_(_NEG)
+            active.append(r)
+            groups.setdefault(id(rm), (rm, []))[1].append(r)
             if num_vrt:
-                seg = line[base : base + num_vrt]
                 if rm.vrt and self._has_vrt(sample):
-                    seg.masked_fill_(~self._patches(sample, row.state, device), _NEG)
+                    vrt_rows.append((r, sample, row.state))
                 else:
-                    seg.fill_(_NEG)
+                    no_vrt.append(r)
         self._rows = now
+        for rm, rs in groups.values():
+            ids = rm.ids_on(device)
+            if len(rs) == 1:
+                line = out[rs[0]]
+                if rm.deny:
+                    line[:n].index_fill_(0, ids, _NEG)
+                else:
+                    keep = line[ids]  # advanced indexing copies: safe to overwrite the row next
+                    line[:n].fill_(_NEG)
+                    line[ids] = keep
+                continue
+            at = torch.tensor(rs, device=device)
+            if rm.deny:
+                out[at[:, None], ids[None, :]] = _NEG
+            else:
+                keep = out[at[:, None], ids[None, :]]
+                out[at, :n] = _NEG
+                out[at[:, None], ids[None, :]] = keep
+        if not active:
+            return out
+        every = len(active) == rows
+        at = None if every else torch.tensor(active, device=device)
+        for lo, hi in ((n, base), (base + num_vrt, vocab_size)):
+            if hi > lo:  # ids that are neither text nor this call's VRTs (padded embeddings)
+                if every:
+                    out[:, lo:hi] = _NEG
+                else:
+                    out[at, lo:hi] = _NEG
+        if no_vrt:
+            out[torch.tensor(no_vrt, device=device), base : base + num_vrt] = _NEG
+        for r, sample, state in vrt_rows:
+            out[r, base : base + num_vrt].masked_fill_(
+                self._not_patches(sample, state, device), _NEG
+            )
         return out
 
-    def _patches(self, sample: int, state: ScanState, device: torch.device) -> torch.Tensor:
-        """``Tensor[num_vrt] bool``: the sample's own patches not already in the open run."""
-        own = self._vrt_on.get(device)
-        if own is None:
+    def _not_patches(self, sample: int, state: ScanState, device: torch.device) -> torch.Tensor:
+        """``Tensor[num_vrt] bool``: what the row may not point at — patches of other images and
+        those already in the open run."""
+        other = self._vrt_on.get(device)
+        if other is None:
             assert self.vrt_mask is not None
-            own = self._vrt_on[device] = self.vrt_mask.to(device)
-        run = [k for k in state.triplet.run if k < own.shape[1]]
+            other = self._vrt_on[device] = ~self.vrt_mask.to(device)
+        run = [k for k in state.triplet.run if k < other.shape[1]]
         if not run:
-            return own[sample]
-        patches = own[sample].clone()
-        patches[run] = False
-        return patches
+            return other[sample]
+        banned = other[sample].clone()
+        banned[run] = True
+        return banned
 
     def _fill(self, sample: int) -> int:
         if self.vrt_mask is None or not bool(self.vrt_mask[sample].any()):
