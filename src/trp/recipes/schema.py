@@ -649,8 +649,9 @@ class DeepSpeedTrainerConfig(TrainerConfig):
     zero_stage: int = 2
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        # The stage first: a bad stage would otherwise surface as a bad interpolated strategy.
         _one_of("zero_stage", self.zero_stage, DEEPSPEED_STAGES)
+        super().__post_init__()
         if not self.strategy.startswith(f"deepspeed_stage_{self.zero_stage}"):
             raise _Invalid(
                 f"{{at}}strategy={self.strategy!r} disagrees with {{at}}zero_stage="
