@@ -185,14 +185,15 @@ def prepare_tokens(
     processor computes live in the returned object, so later ``generate`` calls reuse them.
     """
     eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+    banned = tuple(sorted({int(i) for i in banned_ids}))
     owner = vocab if vocab is not None else tokenizer
     vocab = vocab if vocab is not None else vocab_of(tokenizer)
     added = tuple(i for i in _added_ids(tokenizer) if i < len(vocab.pieces))
-    key = (len(vocab.pieces), vocab.vrt_base, eos, added, tuple(sorted(set(banned_ids))))
+    key = (len(vocab.pieces), vocab.vrt_base, eos, added, banned)
     per_owner = _TABLES.setdefault(owner, {})
     table = per_owner.get(key)
     if table is None:
-        table = per_owner[key] = TokenTable(vocab, eos=eos, added=added, banned=banned_ids)
+        table = per_owner[key] = TokenTable(vocab, eos=eos, added=added, banned=banned)
     return table
 
 
