@@ -471,6 +471,16 @@ def test_opcheck():
     torch.library.opcheck(
         OPS.point_mask_loss, on_device((embed, features, index, targets, points), (0, 1))
     )
+    for compute_grad in (False, True):
+        # The raw op returns gradients only when asked (compute_grad), and autograd only then.
+        layer_args = on_device(
+            (torch.stack([embed, -embed]), features, index, targets), (0, 1) if compute_grad else ()
+        )
+        torch.library.opcheck(
+            OPS.point_mask_loss_layers,
+            (*layer_args, 11, 9, 6, 27, 2.0, 3.0, 4.0, compute_grad),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+        )
     x = torch.randn(2, 3, 5, 4, generator=_gen(0), dtype=torch.float64)
     torch.library.opcheck(OPS.soft_argmax, (*on_device((x,), (0,)), 1.5))
     torch.library.opcheck(
