@@ -22,7 +22,8 @@ class IncrementalParser:
     :meth:`finish` (at the end) return exactly what :func:`~trp.grammar.parse` /
     :func:`~trp.grammar.parse_ids` return for the text fed so far, however it was chunked. In
     strict mode a feed raises :class:`TRPParseError` as soon as the text can no longer become a
-    valid answer, and every later call raises the same error.
+    valid answer, and every later call raises the same error. ``state`` is the current
+    :class:`~trp.grammar.scanner.ScanState` (an immutable value: keeping it is a checkpoint).
     """
 
     def __init__(
