@@ -1,9 +1,16 @@
-"""trp.metrics: REC, RES, COCO AP (boxes, masks, keypoints) and depth metrics.
+"""trp.metrics: REC, RES, COCO AP (boxes, masks, keypoints), depth and caption metrics, and the
+unified multi-task evaluator.
 
 Each family has plain functions for one-shot use and a ``torchmetrics.Metric`` whose states
 reduce correctly under DDP. pycocotools is imported only when COCO AP is computed.
 """
 
+from trp.metrics.caption import (
+    CAPTION_METRIC_NAMES,
+    caption_metrics,
+    exact_match,
+    normalize_answer,
+)
 from trp.metrics.coco import (
     BBOX_NAMES,
     COCO_PERSON_SIGMAS,
@@ -24,8 +31,15 @@ from trp.metrics.rec import (
     rec_metrics,
 )
 from trp.metrics.res import RES_METRIC_NAMES, RESMetric, mask_intersection_union, res_metrics
+from trp.metrics.unified import EVALUATED_TASKS, UnifiedEvaluator
 
 __all__ = [
+    "CAPTION_METRIC_NAMES",
+    "EVALUATED_TASKS",
+    "UnifiedEvaluator",
+    "caption_metrics",
+    "exact_match",
+    "normalize_answer",
     "BBOX_NAMES",
     "COCO_PERSON_SIGMAS",
     "DEPTH_METRIC_NAMES",
