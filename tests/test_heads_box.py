@@ -289,7 +289,7 @@ def _former_names(state: dict, prefix: str) -> dict:
     for key, value in state.items():
         if not key.startswith(prefix):
             continue
-        key = key[len(prefix) :].replace("decoder.tokens", "output_token")
+        key = key[len(prefix) :]
         key = key.replace("cross_attn.", "cross_attn.attn.").replace("ffn.2.", "ffn.3.")
         key = re.sub(r"^(box_embed|score_embed)\.", r"\1.0.", key)
         out[key] = value
@@ -345,6 +345,41 @@ def _perturbed(head: torch.nn.Module) -> torch.nn.Module:
         for p in head.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
     return head
+
+
+def test_light_heads_draw_the_former_seeded_initialisation() -> None:
+    """Under one seed the light heads start from exactly the weights the former
+    ``trp.models`` heads drew (the sums of squares and of magnitudes of all weights, computed
+    from them): a seeded recipe starts where it started before the move."""
+    from trp.heads import MaskHead
+
+    kw = {
+        "in_dim": 12,
+        "in_channels": [20],
+        "d_model": 16,
+        "n_heads": 2,
+        "dim_feedforward": 16,
+        "num_layers": 2,
+        "mask_dim": 8,
+        "fine_channels": 4,
+        "decoder": "light",
+        "cross_attention": "dense",
+    }
+    torch.manual_seed(0)
+    box = BoxHead(**kw, region=True, extent_scale=4)
+    torch.manual_seed(0)
+    mask = MaskHead(**kw)
+    for head, squares, magnitudes in (
+        (box, 1990.3887472295132, 2602.751542449274),
+        (mask, 1952.4278567552385, 2483.1958976868336),
+    ):
+        state = head.state_dict().values()
+        assert sum(float((v.double() ** 2).sum()) for v in state) == pytest.approx(
+            squares, rel=1e-12
+        )
+        assert sum(float(v.double().abs().sum()) for v in state) == pytest.approx(
+            magnitudes, rel=1e-12
+        )
 
 
 def _padded(features: list[torch.Tensor], extra: int) -> tuple[list, list]:

@@ -121,8 +121,13 @@ class BoxHead(nn.Module):
             dropout=dropout,
             pooling=pooling,
             max_queries=max_queries,
+            num_tokens=1 if light else 0,
         )
         self.init_box = MLP(in_dim=d_model, hidden_dim=d_model, out_dim=4, num_layers=2)
+        # (Module order = the order the initialisation draws in, kept from the former head.)
+        self.ref_embed = (
+            MLP(in_dim=4, hidden_dim=d_model, out_dim=d_model, num_layers=2) if light else None
+        )
         n_out = 1 if light else num_layers
         self.box_embed = nn.ModuleList(
             MLP(in_dim=d_model, hidden_dim=d_model, out_dim=4, num_layers=3) for _ in range(n_out)
@@ -132,9 +137,6 @@ class BoxHead(nn.Module):
             # Start each refinement at "no change" so early training keeps the reference box.
             nn.init.zeros_(mlp.layers[-1].weight)
             nn.init.zeros_(mlp.layers[-1].bias)
-        if light:
-            self.output_token = nn.Parameter(torch.randn(1, d_model) * 0.02)
-            self.ref_embed = MLP(in_dim=4, hidden_dim=d_model, out_dim=d_model, num_layers=2)
         self.region = (
             MaskReadout(
                 d_model=d_model, mask_dim=mask_dim, fine_channels=fine_channels, box_prior=True
@@ -216,7 +218,7 @@ class BoxHead(nn.Module):
     ) -> dict:
         # The learned guess trains through the box it anchors; the query sees it detached.
         query = qb.embed + qb.pos + self.ref_embed(ref.detach())  # N x D
-        tokens = qb.pad(self.output_token[None] + query[:, None, :])  # B x M x 1 x D
+        tokens = qb.pad(self.decoder.tokens[None] + query[:, None, :])  # B x M x 1 x D
         refs = qb.pad(ref)[:, :, None]  # B x M x 1 x 4 (read by deformable attention only)
         x = self.decoder(tokens, feats, reference_points=refs.detach())
         token = qb.unpad(x)[:, 0]  # N x D

@@ -3,6 +3,7 @@ of the box, keypoint and light heads, with a pluggable cross-attention."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from einops import rearrange
@@ -34,7 +35,9 @@ class QueryDecoderLayer(nn.Module):
 
     Args:
         d_model, n_heads, dim_feedforward, dropout: layer sizes.
-        cross_attention: the module tokens read their image with.
+        cross_attention: the module tokens read their image with, or a zero-argument factory
+            of it (timm's ``*_layer`` style), called after the self-attention is built so the
+            random initialisation draws in the layer's order.
         self_attention: ``"objects"`` or ``"tokens"``.
         norm_first: pre-norm instead of post-norm.
         activation: of the FFN, ``"relu"`` or ``"gelu"``.
@@ -46,7 +49,7 @@ class QueryDecoderLayer(nn.Module):
         d_model: int,
         n_heads: int,
         dim_feedforward: int,
-        cross_attention: nn.Module,
+        cross_attention: nn.Module | Callable[[], nn.Module],
         self_attention: SelfAttention = "objects",
         norm_first: bool = False,
         activation: Activation = "relu",
@@ -63,7 +66,9 @@ class QueryDecoderLayer(nn.Module):
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(d_model)
-        self.cross_attn = cross_attention
+        self.cross_attn = (
+            cross_attention if isinstance(cross_attention, nn.Module) else cross_attention()
+        )
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(
             nn.Linear(d_model, dim_feedforward),

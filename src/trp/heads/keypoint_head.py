@@ -73,10 +73,11 @@ class KeypointHead(nn.Module):
             self_attention="tokens",
             pooling=pooling,
             max_queries=max_queries,
+            # The learned embedding and position of each keypoint: decoder.tokens / token_pos.
+            num_tokens=num_keypoints,
+            token_pos=True,
         )
         n_levels = self.decoder.num_levels
-        self.keypoint_embed = nn.Parameter(torch.randn(num_keypoints, d_model) * 0.02)
-        self.keypoint_pos = nn.Parameter(torch.randn(num_keypoints, d_model) * 0.02)
         self.init_point = nn.Linear(d_model, 2)
         self.point_embed = nn.ModuleList(
             MLP(in_dim=d_model, hidden_dim=d_model, out_dim=2, num_layers=2)
@@ -127,8 +128,8 @@ class KeypointHead(nn.Module):
                 out["heatmaps"] = queries.new_zeros(0, k, *quarter_size(image_size))
             return out
         inst = qb.pad(qb.embed)  # B x M x D
-        tokens = inst[:, :, None, :] + self.keypoint_embed  # B x M x K x D
-        pos = qb.pad(qb.pos)[:, :, None, :] + self.keypoint_pos  # B x M x K x D
+        tokens = inst[:, :, None, :] + self.decoder.tokens  # B x M x K x D
+        pos = qb.pad(qb.pos)[:, :, None, :] + self.decoder.token_pos  # B x M x K x D
         ref = self.init_point(tokens).sigmoid()  # B x M x K x 2
         aux = []
         for layer, point_embed in zip(self.decoder.layers, self.point_embed):

@@ -101,6 +101,8 @@ class MaskHead(nn.Module):
         self.mask_dim = mask_dim
         self.box_prior = box_prior and decoder == "light"
         if decoder == "light":
+            # (Module order = the order the initialisation draws in, kept from the former head.)
+            self.ref_embed = MLP(in_dim=4, hidden_dim=d_model, out_dim=d_model, num_layers=2)
             self.decoder = QueryDecoder(
                 in_dim=in_dim,
                 in_channels=in_channels,
@@ -115,9 +117,8 @@ class MaskHead(nn.Module):
                 activation="gelu",
                 pooling=pooling,
                 max_queries=max_queries,
+                num_tokens=1,
             )
-            self.output_token = nn.Parameter(torch.randn(1, d_model) * 0.02)
-            self.ref_embed = MLP(in_dim=4, hidden_dim=d_model, out_dim=d_model, num_layers=2)
             self.readout = MaskReadout(
                 d_model=d_model,
                 mask_dim=mask_dim,
@@ -214,7 +215,7 @@ class MaskHead(nn.Module):
             ref = reference_boxes.to(device=query.device, dtype=torch.float32)
             known = ~ref.isnan().any(1, keepdim=True)
             query = query + self.ref_embed(ref.nan_to_num(0.0).to(query.dtype)) * known
-        tokens = qb.pad(self.output_token[None] + query[:, None, :])  # B x M x 1 x D
+        tokens = qb.pad(self.decoder.tokens[None] + query[:, None, :])  # B x M x 1 x D
         refs = None
         if self.decoder.cross_attention == "deformable":
             # Deformable attention samples around the reference box, else the image centre.

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from trp.heads.adapter import AdaptedFeatures, FeatureAdapter
@@ -33,6 +34,9 @@ class QueryDecoder(nn.Module):
             head and level) or ``"dense"`` (:class:`DenseCrossAttention`, ``value_pos``).
         self_attention, norm_first, activation: of every :class:`QueryDecoderLayer`.
         pooling, max_queries: of the :class:`QueryEncoder`.
+        num_tokens: learned output tokens (``tokens [T, D]``, added to each object's query: the
+            light heads' one token per object, the keypoint head's K), 0 for none.
+        token_pos: also a learned position per token (``token_pos [T, D]``).
     """
 
     def __init__(
@@ -53,6 +57,8 @@ class QueryDecoder(nn.Module):
         dropout: float = 0.0,
         pooling: Pooling = "attention",
         max_queries: int = 100,
+        num_tokens: int = 0,
+        token_pos: bool = False,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -66,6 +72,14 @@ class QueryDecoder(nn.Module):
         self.adapter = FeatureAdapter(in_channels=in_channels, d_model=d_model)
         self.query_encoder = QueryEncoder(
             in_dim=in_dim, d_model=d_model, pooling=pooling, max_queries=max_queries
+        )
+        # Created here, between the encoder and the layers: the order the random initialisation
+        # of the former heads drew in, so a seeded recipe starts from the same weights.
+        self.tokens = nn.Parameter(torch.randn(num_tokens, d_model) * 0.02) if num_tokens else None
+        self.token_pos = (
+            nn.Parameter(torch.randn(num_tokens, d_model) * 0.02)
+            if num_tokens and token_pos
+            else None
         )
         n_levels = self.adapter.num_levels
 
@@ -83,7 +97,7 @@ class QueryDecoder(nn.Module):
                 d_model=d_model,
                 n_heads=n_heads,
                 dim_feedforward=dim_feedforward,
-                cross_attention=cross(),
+                cross_attention=cross,
                 self_attention=self_attention,
                 norm_first=norm_first,
                 activation=activation,
