@@ -34,7 +34,17 @@ $(EXTENSION): $(INSTALLED) $(CSRC)
 	flock build/.lock $(BIN)/python setup.py -q build_ext --inplace
 	touch $@
 
-setup: $(EXTENSION)
+# pycocoevalcap's PTB tokenizer and METEOR (caption metrics) run Java: a headless JRE is
+# installed with apt-get only where `java` is missing; the stamp keeps later runs from asking.
+JAVA := $(VENV)/.java
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(JAVA): | $(BIN)/python
+	command -v java >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q --no-install-recommends default-jre-headless; }
+	touch $@
+
+setup: $(EXTENSION) $(JAVA)
 
 build: setup
 
