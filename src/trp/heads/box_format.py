@@ -12,7 +12,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_convert as _tv_box_convert
 
 __all__ = [
     "BOX_FORMATS",
@@ -47,7 +46,11 @@ def box_convert(boxes: Tensor, in_fmt: BoxFormat, out_fmt: BoxFormat) -> Tensor:
             raise ValueError(f"box format must be one of {BOX_FORMATS}, got {fmt!r}")
     if in_fmt == out_fmt:
         return boxes
-    return _tv_box_convert(boxes, in_fmt=in_fmt, out_fmt=out_fmt)
+    # Imported on first use: torchvision's package import costs seconds, which `import
+    # trp.heads` need not pay.
+    from torchvision.ops import box_convert as tv_box_convert
+
+    return tv_box_convert(boxes, in_fmt=in_fmt, out_fmt=out_fmt)
 
 
 def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
