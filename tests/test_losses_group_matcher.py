@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
+from trp.heads import box_cxcywh_to_xyxy
 from trp.losses import GroupMatcher
-from trp.losses.box_loss import box_cxcywh_to_xyxy
 from trp.ops import generalized_box_iou
 
 
