@@ -28,6 +28,7 @@ __all__ = [
     "HEAD_IMPLS",
     "build_head",
     "build_model",
+    "build_hf_model",
     "build_model_from_saved",
     "build_tokenizer",
 ]
@@ -144,7 +145,54 @@ def build_model(cfg: Mapping[str, Any], *, tokenizer) -> TRPForConditionalGenera
     return _compose(vlm, tokenizer, cfg, fine_channels=fine_channels)
 
 
-def _compose(vlm, tokenizer, cfg: Mapping[str, Any], *, fine_channels: int):
+def build_hf_model(cfg: Mapping[str, Any]) -> TRPForConditionalGeneration:
+    """A local Hugging Face VLM (``cfg.pretrained_dir``: the model and processor as
+    ``save_pretrained`` wrote them; nothing is downloaded) as a trp model.
+
+    ``cfg``: ``pretrained_dir``, ``heads`` (unit -> head config; the heads read the VLM's merged
+    patch features at the LM width), ``prototype_rank``, ``prototype_zero_init``,
+    ``contextual_vrt``, ``vrt_query_shift``, ``detach_queries``, ``route``, ``freeze``
+    (``vision`` / ``projector`` / ``language`` booleans), ``lora`` (``enabled``, ``r``,
+    ``alpha``, ``dropout``, ``target_modules``), ``gradient_checkpointing`` and
+    ``torch_dtype`` (``float32`` / ``bfloat16``).
+    """
+    from transformers import AutoProcessor
+
+    from trp.grammar import add_trp_tokens, resize_embeddings
+    from trp.models.hf_host import HFVLMHost
+
+    directory = Path(str(cfg["pretrained_dir"]))
+    if not directory.is_dir() or not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.pretrained_dir={directory}: not a Hugging Face model directory (no config.json)"
+        )
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    name = str(_get(cfg, "torch_dtype", "float32"))
+    if name not in dtypes:
+        raise ValueError(f"model.torch_dtype must be one of {sorted(dtypes)}, got {name!r}")
+    processor = AutoProcessor.from_pretrained(str(directory), local_files_only=True)
+    tokenizer = processor.tokenizer
+    add_trp_tokens(tokenizer)
+    host = HFVLMHost.from_pretrained(directory, dtype=dtypes[name])
+    resize_embeddings(host.model, tokenizer)
+    freeze = dict(_get(cfg, "freeze", {}) or {})
+    host.freeze([part for part, on in freeze.items() if on])
+    lora = dict(_get(cfg, "lora", {}) or {})
+    if lora.pop("enabled", False):
+        host.enable_lora(**lora)
+    if bool(_get(cfg, "gradient_checkpointing", False)):
+        host.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    image_token = tokenizer.convert_ids_to_tokens(host.image_token_id)
+    model = _compose(host, tokenizer, cfg, fine_channels=0, image_token=image_token)
+    model.processor = processor
+    return model
+
+
+def _compose(
+    vlm, tokenizer, cfg: Mapping[str, Any], *, fine_channels: int, image_token: str = "<image>"
+):
     width = int(vlm.get_input_embeddings().weight.shape[1])
     heads = {
         unit: build_head(
@@ -162,6 +210,7 @@ def _compose(vlm, tokenizer, cfg: Mapping[str, Any], *, fine_channels: int):
         vrt_query_shift=int(_get(cfg, "vrt_query_shift", 1)),
         detach_queries=bool(_get(cfg, "detach_queries", False)),
         route=str(_get(cfg, "route", "all")),
+        image_token=image_token,
         config={"model": dict(cfg), "host": type(vlm).__name__},
     )
 
@@ -201,15 +250,31 @@ def build_model_from_saved(directory: Path) -> TRPForConditionalGeneration:
             f"not a trp model directory: {directory} (missing {missing or 'the directory'})"
         )
     saved = json.loads((directory / "trp_config.json").read_text())
-    if saved.get("host") != ReferenceVLMForConditionalGeneration.__name__:
-        raise ValueError(f"{directory}: unknown host model {saved.get('host')!r}")
-    tokenizer = load_tokenizer(directory / "tokenizer")
-    vrt = VRTCausalLM.from_pretrained(
-        directory / "vlm", model_class=ReferenceVLMForConditionalGeneration
-    )
-    vlm = vrt.unwrap()
     cfg = saved["model"]
-    model = _compose(vlm, tokenizer, cfg, fine_channels=int(_get(cfg, "fine_channels", 0)))
+    processor = None
+    if saved.get("host") == "HFVLMHost":
+        from transformers import AutoProcessor
+
+        from trp.models.hf_host import HFVLMHost
+
+        processor = AutoProcessor.from_pretrained(
+            str(directory / "tokenizer"), local_files_only=True
+        )
+        tokenizer = processor.tokenizer
+        vrt = VRTCausalLM.from_pretrained(directory / "vlm", model_class=HFVLMHost)
+        vlm = vrt.unwrap()
+        extra = {"image_token": tokenizer.convert_ids_to_tokens(vlm.image_token_id)}
+    elif saved.get("host") == ReferenceVLMForConditionalGeneration.__name__:
+        tokenizer = load_tokenizer(directory / "tokenizer")
+        vrt = VRTCausalLM.from_pretrained(
+            directory / "vlm", model_class=ReferenceVLMForConditionalGeneration
+        )
+        vlm = vrt.unwrap()
+        extra = {}
+    else:
+        raise ValueError(f"{directory}: unknown host model {saved.get('host')!r}")
+    model = _compose(vlm, tokenizer, cfg, fine_channels=int(_get(cfg, "fine_channels", 0)), **extra)
+    model.processor = processor
     model.vrt.prototypes.load_state_dict(vrt.prototypes.state_dict())
     if vrt.context is not None and model.vrt.context is not None:
         model.vrt.context.load_state_dict(vrt.context.state_dict())

@@ -11,7 +11,9 @@ M-RoPE included, are its own business).
 from __future__ import annotations
 
 import inspect
+import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,18 @@ from torch import Tensor, nn
 from trp.models.image_encoding import ImageEncoding
 from trp.vrt.binding import ImageBinding
 
-__all__ = ["HFVLMHost"]
+__all__ = ["HFVLMHost", "LORA_TARGETS"]
+
+# The attention projections of Qwen2 / Llama decoders (PaDT's and most VLM recipes' choice).
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+_ADAPTER_CONFIG = "trp_adapter_config.json"
+_ADAPTER_WEIGHTS = "trp_adapter.safetensors"
+# Parameter-name prefixes of each part of the supported VLMs (transformers v5 layouts).
+_PARTS: dict[str, tuple[str, ...]] = {
+    "projector": ("model.visual.merger.", "model.multi_modal_projector."),
+    "vision": ("model.visual.", "model.vision_tower."),
+    "language": ("model.language_model.",),
+}
 
 
 class HFVLMHost(nn.Module):
@@ -35,7 +48,7 @@ class HFVLMHost(nn.Module):
         TypeError: naming what the model lacks.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, base_dir: str | Path | None = None) -> None:
         super().__init__()
         name = type(model).__name__
         base = getattr(model, "model", None)
@@ -64,6 +77,9 @@ class HFVLMHost(nn.Module):
         self.square_size = int(getattr(vision, "image_size", 0) or 0)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.vision_dim = int(text.hidden_size)
+        # Where the base weights live (LoRA checkpoints store adapters and point here).
+        self.base_dir = None if base_dir is None else str(Path(base_dir).resolve())
+        self.lora: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ HF plumbing
     @property
@@ -92,16 +108,131 @@ class HFVLMHost(nn.Module):
     def generate(self, **kwargs: Any) -> Any:
         return self.model.generate(**kwargs)
 
+    # ------------------------------------------------------------------ training set-up
+    def part_of(self, name: str) -> str | None:
+        """``"vision"``, ``"projector"``, ``"language"`` or ``None`` for a parameter name."""
+        for part, prefixes in _PARTS.items():
+            if name.startswith(prefixes):
+                return part
+        return None
+
+    def freeze(self, parts: Sequence[str]) -> list[str]:
+        """Stop training the named parts (``vision``, ``projector``, ``language``); the token
+        embeddings and LM head stay trainable (the TRP tokens are new rows). Returns the
+        frozen parameter names."""
+        unknown = sorted(set(parts) - set(_PARTS))
+        if unknown:
+            raise ValueError(f"unknown parts {unknown}; known: {sorted(_PARTS)}")
+        frozen = []
+        for name, param in self.model.named_parameters():
+            if self.part_of(name) in parts:
+                param.requires_grad_(False)
+                frozen.append(name)
+        if parts and not frozen:
+            raise ValueError(f"{type(self.model).__name__} has no parameters in parts {parts}")
+        return frozen
+
+    def enable_lora(
+        self,
+        *,
+        r: int = 16,
+        alpha: int = 32,
+        dropout: float = 0.05,
+        target_modules: Sequence[str] = LORA_TARGETS,
+    ) -> int:
+        """Inject LoRA adapters (``peft``) into the language model's ``target_modules``, in
+        place (the module tree keeps its names); every base weight of the language model is
+        frozen, the adapters, token embeddings and LM head train. Returns the adapter count."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        if self.lora is not None:
+            raise RuntimeError("LoRA is already enabled")
+        if r < 1 or alpha < 1 or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"bad LoRA settings r={r}, alpha={alpha}, dropout={dropout}")
+        names = [n for n, _ in self.model.named_modules() if n.startswith(_PARTS["language"])]
+        present = sorted({n.rsplit(".", 1)[-1] for n in names} & set(target_modules))
+        missing = sorted(set(target_modules) - set(present))
+        if missing:
+            raise ValueError(
+                f"lora.target_modules {missing} are not modules of the language model of "
+                f"{type(self.model).__name__}"
+            )
+        # Regex on full names: only the language model's projections, not the vision tower's.
+        pattern = r"model\.language_model\..*\.(" + "|".join(target_modules) + r")"
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern)
+        inject_adapter_in_model(config, self.model)
+        for name, param in self.model.named_parameters():
+            if self.part_of(name) == "language":
+                param.requires_grad_("lora_" in name)
+        self.lora = {
+            "r": r,
+            "alpha": alpha,
+            "dropout": dropout,
+            "target_modules": list(target_modules),
+        }
+        return sum("lora_A" in n for n, _ in self.model.named_parameters())
+
+    # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
-        self.model.save_pretrained(path, **kwargs)
+        """The VLM's ``save_pretrained``; with LoRA, the adapters, token embeddings and LM
+        head only (safetensors) plus the base directory they apply to."""
+        path = Path(path)
+        if self.lora is None:
+            self.model.save_pretrained(path, **kwargs)
+            return
+        from safetensors.torch import save_file
+
+        if self.base_dir is None:
+            raise ValueError("a LoRA host needs base_dir (where its base weights live) to save")
+        path.mkdir(parents=True, exist_ok=True)
+        embed = self.model.get_input_embeddings().weight
+        head = self.model.get_output_embeddings().weight
+        tensors = {n: p for n, p in self.model.named_parameters() if "lora_" in n}
+        tensors["trp.input_embeddings"] = embed
+        if head.data_ptr() != embed.data_ptr():
+            tensors["trp.output_embeddings"] = head
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path / _ADAPTER_WEIGHTS)
+        meta = {"base_dir": self.base_dir, "lora": self.lora, "vocab_rows": int(embed.shape[0])}
+        (path / _ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> HFVLMHost:
-        """``AutoModelForImageTextToText.from_pretrained(path)`` (local files only)."""
+        """Load a local VLM directory (``AutoModelForImageTextToText``, local files only), or
+        what :meth:`save_pretrained` wrote for a LoRA host (base + adapters, strictly)."""
         from transformers import AutoModelForImageTextToText
 
+        path = Path(path)
         kwargs.setdefault("local_files_only", True)
-        return cls(AutoModelForImageTextToText.from_pretrained(str(path), **kwargs))
+        if not (path / _ADAPTER_CONFIG).is_file():
+            if not path.is_dir():
+                raise FileNotFoundError(f"model directory not found: {path}")
+            return cls(
+                AutoModelForImageTextToText.from_pretrained(str(path), **kwargs), base_dir=path
+            )
+        from safetensors.torch import load_file
+
+        meta = json.loads((path / _ADAPTER_CONFIG).read_text())
+        host = cls(
+            AutoModelForImageTextToText.from_pretrained(meta["base_dir"], **kwargs),
+            base_dir=meta["base_dir"],
+        )
+        host.model.resize_token_embeddings(int(meta["vocab_rows"]))
+        host.enable_lora(**{**meta["lora"]})
+        tensors = load_file(str(path / _ADAPTER_WEIGHTS))
+        embed = tensors.pop("trp.input_embeddings")
+        head = tensors.pop("trp.output_embeddings", None)
+        with torch.no_grad():
+            host.model.get_input_embeddings().weight.copy_(embed)
+            if head is not None:
+                host.model.get_output_embeddings().weight.copy_(head)
+        own = {n for n, _ in host.model.named_parameters() if "lora_" in n}
+        if set(tensors) != own:
+            raise ValueError(
+                f"{path}: adapter weights do not match the model (missing "
+                f"{sorted(own - set(tensors))[:4]}, unexpected {sorted(set(tensors) - own)[:4]})"
+            )
+        host.model.load_state_dict(tensors, strict=False)
+        return host
 
     # ------------------------------------------------------------------ image side
     def encode_images(self, pixel_values: Tensor, **image_inputs: Any) -> ImageEncoding:

@@ -153,6 +153,8 @@ class TRPForConditionalGeneration(nn.Module):
         self.eos_id = int(tokenizer.eos_token_id)
         self.pad_id = int(tokenizer.pad_token_id)
         self.config = dict(config or {})
+        # The host's processor (HF VLMs): saved with the tokenizer so one directory loads.
+        self.processor: Any = None
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -378,7 +380,7 @@ class TRPForConditionalGeneration(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.vrt.save_pretrained(directory / "vlm")
         save_model(self.router, str(directory / _HEADS_NAME))
-        self.tokenizer.save_pretrained(str(directory / "tokenizer"))
+        (self.processor or self.tokenizer).save_pretrained(str(directory / "tokenizer"))
         (directory / _CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
         return directory
 
