@@ -17,7 +17,23 @@ from torch import Tensor
 from trp.grammar import TokenVocab, encode_text, parse_ids
 from trp.models.trp_model import shift_positions
 
-__all__ = ["encode_hf_conversations"]
+__all__ = ["encode_hf_conversations", "token_grid"]
+
+
+def token_grid(processor: Any, image_size: tuple[int, int]) -> tuple[int, int]:
+    """The ``(h, w)`` grid of merged image tokens the processor makes of an image of
+    ``image_size`` (H, W): what the VRTs of such an image index."""
+    blank = torch.zeros(3, int(image_size[0]), int(image_size[1]), dtype=torch.uint8)
+    out = processor.image_processor(images=[blank], return_tensors="pt")
+    if "image_grid_thw" in out:
+        merge = int(getattr(processor.image_processor, "merge_size", 1))
+        _, h, w = (int(v) for v in out["image_grid_thw"][0])
+        return (h // merge, w // merge)
+    patch = int(getattr(processor, "patch_size", 0) or 0)
+    if not patch:
+        raise ValueError(f"{type(processor).__name__} names no patch_size to size its grid")
+    h, w = out["pixel_values"].shape[-2:]
+    return (int(h) // patch, int(w) // patch)
 
 
 def encode_hf_conversations(

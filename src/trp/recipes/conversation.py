@@ -35,6 +35,7 @@ from trp.vrt import mask_coverage, sample_target_patches, target_patches
 __all__ = [
     "PROMPTS",
     "TARGET_KINDS",
+    "HFReferringCollator",
     "ReferringCollator",
     "clean_expression",
     "patch_classes",
@@ -192,6 +193,8 @@ class ReferringCollator:
         units = [self.unit_of(i) for i in indices]
         out: dict[str, Any] = {
             "images": images,
+            "pixel_values": images,
+            "image_inputs": {},
             "boxes": cxcywh,
             "boxes_xyxy": boxes_xyxy,
             "masks": masks,
@@ -203,13 +206,13 @@ class ReferringCollator:
         if with_classes:
             out["patch_classes"] = patch_classes(batch["class_map"], self.grid)
         if self.with_answers:
-            out.update(self._answers(masks, expressions, units))
+            out.update(self._answers(images, masks, expressions, units))
         else:
-            out.update(self._prompts(expressions, units))
+            out.update(self._prompts(images, expressions, units))
         return out
 
     def _answers(
-        self, masks: torch.Tensor, expressions: list[str], units: list[str]
+        self, images: torch.Tensor, masks: torch.Tensor, expressions: list[str], units: list[str]
     ) -> dict[str, Any]:
         encoded, objects = [], []
         for mask, expr, unit in zip(masks, expressions, units):
@@ -249,7 +252,9 @@ class ReferringCollator:
             "objects": objects,
         }
 
-    def _prompts(self, expressions: list[str], units: list[str]) -> dict[str, Any]:
+    def _prompts(
+        self, images: torch.Tensor, expressions: list[str], units: list[str]
+    ) -> dict[str, Any]:
         prompts = [self.prompt_ids(e, u) for e, u in zip(expressions, units)]
         length = max(len(p) for p in prompts)
         b = len(prompts)
@@ -260,3 +265,59 @@ class ReferringCollator:
             attention[i, length - len(p) :] = 1
         prefixes = [self.answer_prefix_ids(e, u) for e, u in zip(expressions, units)]
         return {"input_ids": input_ids, "attention_mask": attention, "answer_prefix": prefixes}
+
+
+class HFReferringCollator(ReferringCollator):
+    """:class:`ReferringCollator` for a Hugging Face VLM: the host's processor applies its chat
+    template and image processing (:func:`trp.models.hf_conversation.encode_hf_conversations`);
+    ``grid`` is the processor's token grid for ``image_size`` images
+    (:func:`trp.models.hf_conversation.token_grid`). Batches also carry ``pixel_values`` and
+    ``image_inputs`` (e.g. ``image_grid_thw``) as the processor makes them.
+    """
+
+    def __init__(self, *, processor: Any, **kwargs: Any) -> None:
+        super().__init__(tokenizer=processor.tokenizer, **kwargs)
+        self.processor = processor
+
+    def _uint8(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [(img.clamp(0, 1) * 255).round().to(torch.uint8) for img in images]
+
+    def _encode(self, images, prompts, answers=None) -> dict[str, Any]:
+        from trp.models.hf_conversation import encode_hf_conversations
+
+        return encode_hf_conversations(
+            self.processor, self._uint8(images), prompts, answers, vocab=self.vocab
+        )
+
+    def _answers(
+        self, images: torch.Tensor, masks: torch.Tensor, expressions: list[str], units: list[str]
+    ) -> dict[str, Any]:
+        prompts, answers, allowed_all = [], [], []
+        for mask, expr, unit in zip(masks, expressions, units):
+            allowed = target_patches(mask_coverage(mask, self.grid))
+            patches = None
+            if self.target == "vrt":
+                if allowed.numel() == 0:
+                    raise ValueError(f"the object of {expr!r} has an empty mask")
+                patches = (
+                    sample_target_patches(allowed, self.grid, num=self.num_vrt, mode="padt")
+                    .unique()
+                    .tolist()
+                )
+            prompts.append(PROMPTS[unit].format(expr))
+            answers.append(self.answer_text(expr, unit, patches))
+            allowed_all.append(allowed)
+        enc = self._encode(images, prompts, answers)
+        objects = []
+        for parse, allowed in zip(enc["parses"], allowed_all):
+            positions = [p for triplet in parse.positions for t in triplet for p in t]
+            objects.append((positions if self.target == "vrt" else [], allowed))
+        return {**enc, "objects": objects}
+
+    def _prompts(
+        self, images: torch.Tensor, expressions: list[str], units: list[str]
+    ) -> dict[str, Any]:
+        prompts = [PROMPTS[u].format(e) for e, u in zip(expressions, units)]
+        enc = self._encode(images, prompts)
+        prefixes = [self.answer_prefix_ids(e, u) for e, u in zip(expressions, units)]
+        return {**enc, "answer_prefix": prefixes}

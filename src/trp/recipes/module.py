@@ -244,7 +244,11 @@ class ReferringModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.model(
-            batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"]
+            batch["pixel_values"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["parses"],
+            **batch["image_inputs"],
         )
         token = self.token_loss(out, batch) * float(self.loss_cfg["token"])
         losses = {"token": token, **self.head_losses(out.predictions, batch)}
@@ -269,9 +273,10 @@ class ReferringModule(L.LightningModule):
         masks as bool ``[H, W]``; a sample whose answer has no target gets an empty box/mask)."""
         prefill = bool(self.eval_cfg.get("prefill_phrase", False))
         gen = self.model.generate(
-            batch["images"],
+            batch["pixel_values"],
             batch["input_ids"],
             batch["attention_mask"],
+            image_inputs=batch["image_inputs"],
             max_new_tokens=int(self.eval_cfg["max_new_tokens"]),
             constrained=bool(self.eval_cfg["constrained"]),
             allow_ref=self.target == "ref",
@@ -280,7 +285,7 @@ class ReferringModule(L.LightningModule):
         )
         heads = {unit: routed.predictions for unit, routed in gen.predictions.items()}
         b = batch["images"].shape[0]
-        h, w = self.model.image_size
+        h, w = batch["images"].shape[-2:]
         first: dict[int, int] = {}
         routed = next(iter(gen.predictions.values()), None)
         for q, s in enumerate(routed.sample.tolist() if routed is not None else []):
@@ -315,7 +320,8 @@ class ReferringModule(L.LightningModule):
                     "expression": batch["expressions"][i],
                     "unit": batch["units"][i],
                     "answer": gen.texts[i],
-                    "parsed": gen.parses[i] is not None,
+                    # A referring answer counts as parsed only when it names a target.
+                    "parsed": _grounds(gen.parses[i]),
                     "found": bool(found[i]),
                     "box": boxes[i].tolist(),
                     "score": None if math.isnan(float(scores[i])) else float(scores[i]),
@@ -330,7 +336,7 @@ class ReferringModule(L.LightningModule):
         preds = self.predict_batch(batch)
         pred_boxes = torch.tensor([p["box"] for p in preds])
         self.rec.update(pred_boxes, batch["boxes_xyxy"].float().cpu())
-        h, w = self.model.image_size
+        h, w = batch["images"].shape[-2:]
         from_mask = box_cxcywh_to_xyxy(masks_to_boxes(torch.stack([p["mask"] for p in preds])))
         self.rec_from_mask.update(
             from_mask * torch.tensor([w, h, w, h]), batch["boxes_xyxy"].float().cpu()
@@ -354,6 +360,7 @@ class ReferringModule(L.LightningModule):
         metrics.update({f"res/{k}": v for k, v in self.res.compute().items()})
         metrics.update({f"rec_from_mask/{k}": v for k, v in self.rec_from_mask.compute().items()})
         parsed = torch.tensor([float(p["parsed"]) for p in self.predictions])
+        # The fraction of answers that parse *and* hold a target (plain text does not count).
         metrics["answers/parsed"] = parsed.mean() if parsed.numel() else torch.tensor(0.0)
         self.log_dict(
             {k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()},
@@ -386,3 +393,8 @@ class ReferringModule(L.LightningModule):
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _grounds(parse) -> bool:
+    """A strict parse holding at least one target (what a referring prompt asks for)."""
+    return parse is not None and any(t.targets for t in parse.triplets)

@@ -19,11 +19,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from trp.data import SHAPE_CLASSES
-from trp.models.build import build_model, build_tokenizer
+from trp.models.build import build_hf_model, build_model, build_tokenizer
 from trp.models.trp_model import TRPForConditionalGeneration
 from trp.recipes.checkpoint import load_checkpoint, save_checkpoint
 from trp.recipes.config import validate_config
-from trp.recipes.conversation import ReferringCollator
+from trp.recipes.conversation import HFReferringCollator, ReferringCollator
 from trp.recipes.data import ReferringDataModule, build_datasets, corpus
 from trp.recipes.module import ReferringModule
 from trp.recipes.overlays import save_overlays
@@ -52,15 +52,29 @@ def parse_max_time(value: str | None) -> float | None:
     return float(((d * 24 + h) * 60 + m) * 60 + s)
 
 
-def _collators(cfg: DictConfig, tokenizer, grid: int) -> tuple[ReferringCollator, ...]:
-    common = {
-        "tokenizer": tokenizer,
-        "grid": (grid, grid),
-        "image_size": (cfg.model.image_size, cfg.model.image_size),
+def _is_hf(cfg: DictConfig) -> bool:
+    """``model=hf_vlm``: a local Hugging Face VLM instead of the reference VLM."""
+    return "pretrained_dir" in cfg.model
+
+
+def _collators(cfg: DictConfig, model: TRPForConditionalGeneration) -> tuple[Any, ...]:
+    size = (int(cfg.model.image_size), int(cfg.model.image_size))
+    common: dict[str, Any] = {
+        "image_size": size,
         "target": cfg.recipe.target,
         "num_vrt": int(cfg.recipe.num_vrt),
         "prompt_first": bool(cfg.recipe.prompt_first),
     }
+    if model.processor is not None:
+        from trp.models.hf_conversation import token_grid
+
+        common.update(processor=model.processor, grid=token_grid(model.processor, size))
+        return (
+            HFReferringCollator(**common, with_answers=True),
+            HFReferringCollator(**common, with_answers=False),
+        )
+    grid = int(cfg.model.image_size) // int(cfg.model.patch_size)
+    common.update(tokenizer=model.tokenizer, grid=(grid, grid))
     return (
         ReferringCollator(**common, with_answers=True),
         ReferringCollator(**common, with_answers=False),
@@ -70,8 +84,7 @@ def _collators(cfg: DictConfig, tokenizer, grid: int) -> tuple[ReferringCollator
 def _datamodule(
     cfg: DictConfig, model: TRPForConditionalGeneration, train_set, held_out
 ) -> ReferringDataModule:
-    grid = int(cfg.model.image_size) // int(cfg.model.patch_size)
-    train_collate, eval_collate = _collators(cfg, model.tokenizer, grid)
+    train_collate, eval_collate = _collators(cfg, model)
     return ReferringDataModule(
         train=train_set,
         held_out=held_out,
@@ -225,10 +238,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     image_size = int(cfg.model.image_size)
     train_set, held_out = build_datasets(cfg.data, image_size=image_size)
-    tok_cfg = cfg.model.tokenizer
-    texts = None if tok_cfg.dir else corpus(train_set, num_samples=int(tok_cfg.corpus_samples))
-    tokenizer = build_tokenizer(tok_cfg, texts)
-    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), tokenizer=tokenizer)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if _is_hf(cfg):
+        model = build_hf_model(model_cfg)
+    else:
+        tok_cfg = cfg.model.tokenizer
+        texts = None if tok_cfg.dir else corpus(train_set, num_samples=int(tok_cfg.corpus_samples))
+        model = build_model(model_cfg, tokenizer=build_tokenizer(tok_cfg, texts))
     module = _module(cfg, model)
     datamodule = _datamodule(cfg, model, train_set, held_out)
     trainer = _trainer(cfg, output_dir)
