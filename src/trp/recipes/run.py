@@ -272,9 +272,12 @@ def evaluate(checkpoint: str | Path, cfg: DictConfig) -> dict[str, Any]:
     from ``cfg``. Writes ``metrics.json`` and ``predictions.json`` to ``cfg.output_dir``.
     """
     model, saved = load_checkpoint(checkpoint)
-    with open_dict(cfg):
-        cfg.model = saved.model
-        cfg.recipe = saved.recipe
+    # The saved sections replace the packaged defaults (plain nodes: the checkpoint's model
+    # may be of another schema than the evaluate config's default).
+    plain: Any = OmegaConf.to_container(cfg, resolve=True)
+    plain["model"] = OmegaConf.to_container(saved.model, resolve=True)
+    plain["recipe"] = OmegaConf.to_container(saved.recipe, resolve=True)
+    cfg = OmegaConf.create(plain)
     _setup(cfg)
     _, held_out = build_datasets(cfg.data, image_size=int(cfg.model.image_size), with_train=False)
     module = _module(cfg, model)
