@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from trp.data import SHAPE_CLASSES
 from trp.models.build import build_hf_model, build_model, build_tokenizer
