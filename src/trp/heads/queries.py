@@ -141,7 +141,8 @@ class QueryEncoder(nn.Module):
         if bool((counts == 0).any()):
             raise ValueError("object_index must use every object id in [0, max] (no gaps)")
         img_lo = torch.full((n,), image_index.numel(), dtype=torch.int64, device=x.device)
-        img_lo = img_lo.scatter_reduce(0, object_index, image_index, "amin")
+        # include_self=False: the fill (the query count) is no bound on the image indices.
+        img_lo = img_lo.scatter_reduce(0, object_index, image_index, "amin", include_self=False)
         img_hi = torch.zeros(n, dtype=torch.int64, device=x.device)
         img_hi = img_hi.scatter_reduce(0, object_index, image_index, "amax", include_self=False)
         if bool((img_lo != img_hi).any()):

@@ -213,6 +213,9 @@ class UnifiedEvaluator:
             }
         else:
             p = {k: _tensor(pred, k, what_p) for k in ("scores", "labels", key)}
+        if key in target and p[key].shape[0] == 0:
+            # No detection: any empty tensor will do; give it the target's trailing shape.
+            p[key] = target[key].new_zeros((0, *target[key].shape[1:]))
         m = p["labels"].shape[0]
         if p["scores"].shape != (m,) or p[key].shape[:1] != (m,):
             raise ValueError(f"{what_p}: scores, labels and {key} must have {m} rows")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import Qwen2Config
 
-from trp.heads import BoxHead, MaskHead
+from trp.heads import BoxHead, DepthHead, KeypointHead, MaskHead
 from trp.models.reference_vlm import (
     ReferenceVLMConfig,
     ReferenceVLMForConditionalGeneration,
@@ -41,12 +41,15 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
 def build_tokenizer(cfg: Mapping[str, Any], corpus: Iterable[str] | None = None):
     """Load ``cfg.dir`` when set, else train a byte-level BPE of ``cfg.vocab_size`` on
     ``corpus``."""
-    directory = _get(cfg, "dir")
+    from trp.recipes.schema import TokenizerConfig, complete  # here: trp.recipes imports us
+
+    cfg = complete(TokenizerConfig, cfg, "model.tokenizer")  # defaults: the recipe schema's
+    directory = cfg["dir"]
     if directory is not None:
         return load_tokenizer(directory)
     if corpus is None:
         raise ValueError("tokenizer.dir is not set and no corpus was given to train one")
-    return train_tokenizer(corpus, vocab_size=int(_get(cfg, "vocab_size", 1000)))
+    return train_tokenizer(corpus, vocab_size=int(cfg["vocab_size"]))
 
 
 # impl -> the trp.heads class and the decoder settings that name stands for.
@@ -59,6 +62,8 @@ HEAD_IMPLS: dict[str, dict[str, tuple[type[nn.Module], dict[str, str]]]] = {
         "light": (MaskHead, {"decoder": "light", "cross_attention": "dense"}),
         "two_way": (MaskHead, {"decoder": "two_way"}),
     },
+    "keypoint": {"light": (KeypointHead, {})},
+    "depth": {"light": (DepthHead, {})},
 }
 
 
@@ -102,8 +107,13 @@ def build_model(cfg: Mapping[str, Any], *, tokenizer) -> TRPForConditionalGenera
     ``weights``), ``language`` (Qwen2 sizes), ``heads`` (unit -> head config),
     ``prototype_rank``, ``prototype_zero_init``, ``vrt_query_shift``, ``detach_queries``,
     ``contextual_vrt``, ``route`` and ``fine_channels`` (> 0: a stride-4 ConvStem feeds the
-    heads' pixel readouts and, with ``vision.conv_stem``, the ViT).
+    heads' pixel readouts and, with ``vision.conv_stem``, the ViT). Keys left out take the
+    recipe schema's defaults (:class:`trp.recipes.schema.TinyVLMConfig`, the YAML's values).
     """
+    from trp.recipes.schema import TinyVLMConfig, complete  # here: trp.recipes imports us
+
+    # Also refuses language.pretrained_dir (ConfigError, a ValueError naming model=hf_vlm).
+    cfg = complete(TinyVLMConfig, cfg, "model")
     language = dict(cfg["language"])
     if language.get("pretrained_dir") is not None:
         raise ValueError(
@@ -119,15 +129,15 @@ def build_model(cfg: Mapping[str, Any], *, tokenizer) -> TRPForConditionalGenera
         intermediate_size=int(language["intermediate_size"]),
         num_hidden_layers=int(language["num_layers"]),
         num_attention_heads=heads,
-        num_key_value_heads=int(_get(language, "num_kv_heads", heads)),
-        max_position_embeddings=int(_get(language, "max_positions", 512)),
-        tie_word_embeddings=bool(_get(language, "tie_embeddings", True)),
+        num_key_value_heads=int(language["num_kv_heads"]),
+        max_position_embeddings=int(language["max_positions"]),
+        tie_word_embeddings=bool(language["tie_embeddings"]),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        attn_implementation=str(_get(language, "attn_implementation", "sdpa")),
+        attn_implementation=str(language["attn_implementation"]),
     )
     vision = {k: v for k, v in dict(cfg["vision"]).items() if k != "weights"}
-    fine_channels = int(_get(cfg, "fine_channels", 0))
+    fine_channels = int(cfg["fine_channels"])
     config = ReferenceVLMConfig(
         vision=vision,
         text_config=text,
@@ -139,7 +149,7 @@ def build_model(cfg: Mapping[str, Any], *, tokenizer) -> TRPForConditionalGenera
         eos_token_id=tokenizer.eos_token_id,
     )
     vlm = ReferenceVLMForConditionalGeneration(config)
-    weights = _get(cfg["vision"], "weights")
+    weights = cfg["vision"]["weights"]
     if weights is not None:
         _load_vision_weights(vlm.vision, weights)
     return _compose(vlm, tokenizer, cfg, fine_channels=fine_channels)
@@ -166,8 +176,11 @@ def build_hf_model(cfg: Mapping[str, Any]) -> TRPForConditionalGeneration:
         raise FileNotFoundError(
             f"model.pretrained_dir={directory}: not a Hugging Face model directory (no config.json)"
         )
+    from trp.recipes.schema import HFVLMConfig, complete  # here: trp.recipes imports us
+
+    cfg = complete(HFVLMConfig, cfg, "model")  # keys left out: the recipe schema's defaults
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    name = str(_get(cfg, "torch_dtype", "float32"))
+    name = str(cfg["torch_dtype"])
     if name not in dtypes:
         raise ValueError(f"model.torch_dtype must be one of {sorted(dtypes)}, got {name!r}")
     processor = AutoProcessor.from_pretrained(str(directory), local_files_only=True)
@@ -175,12 +188,12 @@ def build_hf_model(cfg: Mapping[str, Any]) -> TRPForConditionalGeneration:
     add_trp_tokens(tokenizer)
     host = HFVLMHost.from_pretrained(directory, dtype=dtypes[name])
     resize_embeddings(host.model, tokenizer)
-    freeze = dict(_get(cfg, "freeze", {}) or {})
+    freeze = dict(cfg["freeze"])
     host.freeze([part for part, on in freeze.items() if on])
-    lora = dict(_get(cfg, "lora", {}) or {})
-    if lora.pop("enabled", False):
+    lora = dict(cfg["lora"])
+    if lora.pop("enabled"):
         host.enable_lora(**lora)
-    if bool(_get(cfg, "gradient_checkpointing", False)):
+    if bool(cfg["gradient_checkpointing"]):
         host.model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
@@ -204,12 +217,13 @@ def _compose(
         vlm=vlm,
         tokenizer=tokenizer,
         heads=heads,
-        prototype_rank=int(_get(cfg, "prototype_rank", 64)),
-        prototype_zero_init=bool(_get(cfg, "prototype_zero_init", True)),
-        contextual_vrt=bool(_get(cfg, "contextual_vrt", False)),
-        vrt_query_shift=int(_get(cfg, "vrt_query_shift", 1)),
-        detach_queries=bool(_get(cfg, "detach_queries", False)),
-        route=str(_get(cfg, "route", "all")),
+        # cfg is complete (build_model / build_hf_model, or a saved complete config).
+        prototype_rank=int(cfg["prototype_rank"]),
+        prototype_zero_init=bool(cfg["prototype_zero_init"]),
+        contextual_vrt=bool(cfg["contextual_vrt"]),
+        vrt_query_shift=int(cfg["vrt_query_shift"]),
+        detach_queries=bool(cfg["detach_queries"]),
+        route=str(cfg["route"]),
         image_token=image_token,
         config={"model": dict(cfg), "host": type(vlm).__name__},
     )
