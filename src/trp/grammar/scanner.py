@@ -146,6 +146,7 @@ class TripletProgress(NamedTuple):
 
 
 _new = tuple.__new__
+_PLAIN_MODES = frozenset((BODY, PHRASE))
 _NO_OUTPUT = Output()
 _NO_TASK = TaskProgress()
 _NO_TRIPLET = TripletProgress()
@@ -195,6 +196,11 @@ class ScanState(NamedTuple):
     # ------------------------------------------------------------ transitions
     def feed(self, chunk: str) -> ScanState:
         """The state after ``chunk``; raises :class:`TRPParseError` (strict) when it breaks."""
+        if self.mode in _PLAIN_MODES and self.pos == len(self.text) and "<" not in chunk:
+            # Free text or a phrase with nothing pending takes text without '<' as it is (the
+            # handlers would only move ``pos`` to the end): the common step while generating.
+            text = self.text + chunk
+            return _new(ScanState, (self.config, text, len(text), *self[3:]))
         m = Machine(self)
         m.text = self.text + chunk
         m.run(False)
