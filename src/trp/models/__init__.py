@@ -17,6 +17,7 @@ from trp.models.build import (
 )
 from trp.models.fine_stem import ConvStem, StemDownsample
 from trp.models.image_encoding import ImageEncoding
+from trp.models.predict import load_image, predict, save_overlay
 from trp.models.reference_vlm import (
     ReferenceVLMConfig,
     ReferenceVLMForConditionalGeneration,
@@ -46,7 +47,10 @@ __all__ = [
     "build_model_from_saved",
     "build_tokenizer",
     "build_vision_encoder",
+    "load_image",
     "load_tokenizer",
+    "predict",
+    "save_overlay",
     "save_tokenizer",
     "shift_positions",
     "train_tokenizer",
