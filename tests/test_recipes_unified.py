@@ -72,3 +72,128 @@ def test_keypoints_drawn_and_task_overlays_for_every_task() -> None:
         draw_task_overlay({"image": rc["image"]}, None)
     with pytest.raises(ValueError, match="boxes"):
         draw_overlay(rc["image"], box=torch.zeros(2, 3))
+
+
+# --------------------------------------------------------------------------- the recipe
+def _tiny_model_cfg() -> dict:
+    from omegaconf import OmegaConf
+
+    import trp.recipes.unified  # noqa: F401  (registers the data schema)
+    from trp.recipes import compose
+
+    cfg = compose(["recipe=shapes_unified", "model.image_size=64"])
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model["language"].update(
+        num_layers=1, hidden_size=64, intermediate_size=128, num_heads=2, num_kv_heads=2
+    )
+    model["vision"].update(embed_dim=64, depth=1, num_heads=2)
+    for head in model["heads"].values():
+        head.update({k: v for k, v in {"d_model": 32, "dim_feedforward": 64}.items() if k in head})
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny() -> dict:
+    from trp.models.build import build_model, build_tokenizer
+    from trp.recipes.unified import UnifiedCollator, UnifiedModule, unified_corpus
+
+    torch.manual_seed(0)
+    ds = UnifiedShapesDataset(
+        num_samples=48,
+        seed=0,
+        image_size=64,
+        targets={"rec": "vrt", "det": "vrt", "grounded_caption": "vrt"},
+    )
+    cfg = _tiny_model_cfg()
+    tok = build_tokenizer(cfg["tokenizer"], list(unified_corpus(ds, num_samples=48)))
+    model = build_model(cfg, tokenizer=tok)
+    loss = {
+        "token": 1.0,
+        "box_l1": 5.0,
+        "box_giou": 2.0,
+        "box_score": 1.0,
+        "mask_ce": 5.0,
+        "mask_dice": 5.0,
+        "mask_points": 128,
+    }
+    module = UnifiedModule(
+        model=model,
+        optim={"lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 1},
+        loss=loss,
+        eval={"max_new_tokens": 16, "constrained": True, "mask_threshold": 0.5},
+        num_prompt_tokens=2,
+    )
+    col = UnifiedCollator(tokenizer=tok, grid=(4, 4), image_size=(64, 64), num_prompt_tokens=2)
+    return {"ds": ds, "module": module, "col": col, "tok": tok}
+
+
+def _grads(module) -> dict[str, bool]:
+    return {
+        unit: all(p.grad is not None for p in head.parameters())
+        and any(float(p.grad.abs().sum()) > 0 for p in head.parameters())
+        for unit, head in module.model.heads.items()
+    }
+
+
+def test_mixed_batch_trains_every_head_with_targets_and_skips_the_others(tiny) -> None:
+    ds, module, col = tiny["ds"], tiny["module"], tiny["col"]
+    by_task: dict[str, list[int]] = {}
+    for i in range(len(ds)):
+        by_task.setdefault(ds.task_of(i), []).append(i)
+    # Text-only, an object-less negative (if drawn) and box tasks: no mask/keypoint/depth target.
+    picks = (
+        by_task["text"][:1]
+        + by_task["rec"][:1]
+        + by_task["det"][:2]
+        + by_task["region_caption"][:1]
+    )
+    batch = col([ds[i] for i in picks])
+    assert set(batch["targets"]) == {"box"}
+    module.zero_grad()
+    losses = module.losses(module.forward_batch(batch), batch)
+    assert {k.split("/")[0] for k in losses} == {"token", "box"}
+    sum(losses.values()).backward()
+    grads = _grads(module)
+    assert grads["box"] and not grads["mask"] and not grads["depth"]
+    assert all(p.grad is not None for p in module.model.heads["depth"].parameters())
+    assert float(module.prompt_encoder.queries.grad.abs().sum()) > 0  # the region prompt
+    # Every task in one batch: every head trains.
+    every = [v[0] for v in by_task.values()]
+    batch = col([ds[i] for i in every])
+    assert set(batch["targets"]) == {"box", "mask", "keypoint", "depth"}
+    module.zero_grad()
+    losses = module.losses(module.forward_batch(batch), batch)
+    sum(losses.values()).backward()
+    assert all(_grads(module).values())
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_visual_prompt_tokens_reach_the_language_model(tiny) -> None:
+    ds, module, col = tiny["ds"], tiny["module"], tiny["col"]
+    i = next(i for i in range(len(ds)) if ds.task_of(i) == "region_caption")
+    s = ds[i]
+    batch = col([s])
+    vpt = module.vpt_id
+    assert int((batch["input_ids"] == vpt).sum()) == 2  # K = 2 placeholders
+    module.eval()
+    with torch.no_grad():
+        a = module.forward_batch(batch).hidden
+        moved = dict(batch, prompt_masks=torch.roll(batch["prompt_masks"], 32, dims=2))
+        b = module.forward_batch(moved).hidden
+    module.train()
+    first = int((batch["input_ids"][0] == vpt).nonzero()[0])
+    assert torch.allclose(a[0, :first], b[0, :first], atol=1e-5)  # causal: before the prompt
+    assert not torch.allclose(a[0, first:], b[0, first:], atol=1e-4)
+    assert not hasattr(module.model.vlm, "__dict__") or "encode_images" not in vars(
+        module.model.vlm
+    )  # the hook is gone after the block
+
+
+def test_query_encoder_objects_on_high_image_indices() -> None:
+    from trp.heads.queries import QueryEncoder
+
+    enc = QueryEncoder(in_dim=8, d_model=8)
+    x = torch.randn(4, 8)
+    # Two objects of image 7 among four queries (the image index exceeds the query count).
+    out = enc(x, torch.tensor([2, 2, 7, 7]), num_images=8, object_index=torch.tensor([0, 0, 1, 2]))
+    assert out.image_index.tolist() == [2, 7, 7]

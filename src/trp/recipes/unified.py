@@ -46,6 +46,7 @@ from trp.losses import (
 )
 from trp.metrics import UnifiedEvaluator
 from trp.models.trp_model import TRPForConditionalGeneration, TRPOutput
+from trp.recipes.data import ReferringDataModule
 from trp.recipes.module import WarmupCosine
 from trp.recipes.overlays import draw_task_overlay
 from trp.recipes.schema import DataConfig, _Invalid, register
@@ -55,7 +56,10 @@ from trp.vrt.visual_prompt import VisualPromptEncoder, expand_vpt, splice_prompt
 __all__ = [
     "UnifiedCollator",
     "UnifiedDataConfig",
+    "UnifiedDataModule",
     "UnifiedModule",
+    "task_table",
+    "train_unified",
     "unified_corpus",
     "visual_prompts",
 ]
@@ -645,5 +649,113 @@ def task_table(metrics: Mapping[str, float]) -> str:
     return "\n".join(f"{f:<{width}}  {'  '.join(v)}" for f, v in families.items())
 
 
-def train_seconds(start: float) -> float:
-    return round(time.monotonic() - start, 1)
+class UnifiedDataModule(ReferringDataModule):
+    """:class:`ReferringDataModule` whose batches also move their per-unit targets and prompt
+    masks to the device (the parses and the collated samples stay on the host)."""
+
+    def transfer_batch_to_device(
+        self, batch: dict, device: torch.device, dataloader_idx: int
+    ) -> dict:
+        out = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if "targets" in out:
+            out["targets"] = {
+                u: {k: v.to(device) for k, v in t.items()} for u, t in out["targets"].items()
+            }
+        return out
+
+
+def _datasets(cfg: Any) -> tuple[UnifiedShapesDataset, UnifiedShapesDataset]:
+    data = cfg.data
+    if data.name != "shapes_unified":
+        raise ValueError(f"recipe shapes_unified needs data=shapes_unified, got {data.name!r}")
+    kwargs = {
+        "image_size": int(cfg.model.image_size),
+        "patch_size": int(cfg.model.patch_size),
+        "mixture": dict(data.mixture),
+        "targets": dict(data.targets) or "ref",
+        "num_vrt": int(data.num_vrt),
+        "min_shapes": int(data.min_shapes),
+        "max_shapes": int(data.max_shapes),
+        "empty_image_prob": float(data.empty_image_prob),
+        "negative_prob": float(data.negative_prob),
+        "max_query_classes": int(data.max_query_classes),
+    }
+    train = UnifiedShapesDataset(num_samples=int(data.train_size), seed=int(data.seed), **kwargs)
+    held_out = UnifiedShapesDataset(
+        num_samples=int(data.eval_size), seed=int(data.eval_seed), **kwargs
+    )
+    return train, held_out
+
+
+def train_unified(cfg: Any) -> dict[str, Any]:
+    """Train ``recipe=shapes_unified`` (a composed config), save, evaluate every task.
+
+    Writes ``checkpoint/`` (the model as :func:`trp.recipes.save_checkpoint` does, plus
+    ``prompt_encoder.safetensors``), ``metrics.json`` (the flat per-task metrics),
+    ``predictions.json`` and ``overlays/``; prints the per-task table. Returns the summary.
+    """
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_model
+
+    from trp.models.build import build_model, build_tokenizer
+    from trp.recipes.checkpoint import save_checkpoint
+    from trp.recipes.run import _setup, _trainer, parse_max_time
+
+    _setup(cfg)
+    output_dir = Path(cfg.output_dir)
+    train_set, held_out = _datasets(cfg)
+    tok_cfg = cfg.model.tokenizer
+    texts = (
+        None if tok_cfg.dir else unified_corpus(train_set, num_samples=int(tok_cfg.corpus_samples))
+    )
+    tokenizer = build_tokenizer(tok_cfg, texts)
+    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), tokenizer=tokenizer)
+    k = int(cfg.data.prompt_tokens)
+    module = UnifiedModule(
+        model=model,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        loss=OmegaConf.to_container(cfg.loss, resolve=True),
+        eval=OmegaConf.to_container(cfg.eval, resolve=True),
+        num_prompt_tokens=k,
+        time_budget_s=parse_max_time(cfg.trainer.max_time),
+        keep_overlays=int(cfg.eval.num_overlays),
+    )
+    grid = tuple(s // int(cfg.model.patch_size) for s in (train_set.height, train_set.width))
+    common = {
+        "tokenizer": tokenizer,
+        "grid": grid,
+        "image_size": (train_set.height, train_set.width),
+        "num_prompt_tokens": k,
+        "prompt_first": bool(cfg.recipe.prompt_first),
+    }
+    datamodule = UnifiedDataModule(
+        train=train_set,
+        held_out=held_out,
+        train_collate=UnifiedCollator(**common, with_answers=True),
+        eval_collate=UnifiedCollator(**common, with_answers=False),
+        batch_size=int(cfg.data.batch_size),
+        eval_batch_size=int(cfg.eval.batch_size),
+        num_workers=int(cfg.data.num_workers),
+    )
+    trainer = _trainer(cfg, output_dir)
+    start = time.monotonic()
+    trainer.fit(module, datamodule=datamodule)
+    seconds = round(time.monotonic() - start, 1)
+    checkpoint = output_dir / "checkpoint"
+    if trainer.is_global_zero:
+        save_checkpoint(model, cfg, checkpoint)
+        save_model(module.prompt_encoder, str(checkpoint / "prompt_encoder.safetensors"))
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    extra = {
+        "recipe": str(cfg.recipe.name),
+        "steps": int(trainer.global_step),
+        "train_seconds": seconds,
+        "checkpoint": str(checkpoint),
+    }
+    summary = dict(extra, metrics=module.metrics)
+    if trainer.is_global_zero:
+        summary = write_outputs(module, output_dir, extra)
+        print(f"\ntrained {trainer.global_step} steps in {seconds:.0f} s")
+        print(task_table(module.metrics))
+        print(f"\nmetrics: {output_dir / 'metrics.json'}")
+    return summary
