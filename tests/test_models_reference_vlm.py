@@ -1,0 +1,130 @@
+"""The reference VLM host: offline tokenizer, the convolutional stem (stride 4, centred cells,
+shared with the ViT, run once per forward) and config validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_models_trp import MODEL_CFG, _batch, _model, _tokenizer
+from trp.grammar import IMAGE, TRP_SPECIAL_TOKENS, encode_text, vrt_base_of
+from trp.models import (
+    ConvStem,
+    ReferenceVLMConfig,
+    StemDownsample,
+    build_model,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+)
+
+
+def test_tokenizer_is_trained_offline_with_trp_tokens(tmp_path) -> None:
+    tok = _tokenizer()
+    vocab = tok.get_vocab()
+    for t in (*TRP_SPECIAL_TOKENS, IMAGE, "<|im_start|>", "<|im_end|>"):
+        assert t in vocab
+    assert vrt_base_of(tok) == len(tok)
+    ids = encode_text(tok, "<Phrase>red circle</Phrase>(<Unit>box</Unit><|VRT_3|>).")
+    assert len(tok) + 3 in ids
+    again = load_tokenizer(save_tokenizer(tok, tmp_path / "tok"))
+    assert again.get_vocab() == vocab
+    with pytest.raises(ValueError, match="empty"):
+        train_tokenizer([])
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(["a b"], vocab_size=10)
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(tmp_path / "missing")
+
+
+def test_conv_stem_is_stride_four_and_checks_its_input() -> None:
+    stem = ConvStem(6)
+    assert stem(torch.randn(2, 3, 32, 48)).shape == (2, 6, 8, 12)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        stem(torch.randn(2, 3, 30, 32))
+    with pytest.raises(ValueError, match="channels"):
+        ConvStem(0)
+
+
+def test_conv_stem_cells_are_centred_on_their_pixel_blocks() -> None:
+    # The receptive field of the two convolutions of cell (j, j) is centred on pixel 4j + 1.5,
+    # the centre of the 4 x 4 block the cell stands for.
+    stem = ConvStem(2)
+    convs = [m for m in stem.layers if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        for conv in convs:
+            conv.weight.fill_(1.0)
+            conv.bias.zero_()
+    image = torch.zeros(1, 3, 32, 32, requires_grad=True)
+    out = convs[1](convs[0](image))
+    coords = torch.arange(32, dtype=torch.float32)
+    for j in (2, 3, 5):
+        (grad,) = torch.autograd.grad(out[0, 0, j, j], image, retain_graph=True)
+        weight = grad[0, 0]
+        cy = float((weight.sum(1) * coords).sum() / weight.sum())
+        cx = float((weight.sum(0) * coords).sum() / weight.sum())
+        assert cy == pytest.approx(4 * j + 1.5) and cx == pytest.approx(4 * j + 1.5)
+
+
+def test_the_stem_runs_once_and_feeds_both_the_vit_and_the_heads() -> None:
+    model = _model().train()
+    calls = []
+    model.vlm.fine_stem.register_forward_hook(lambda *_: calls.append(1))
+    batch = _batch(with_answers=True)
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    assert len(calls) == 1
+    assert out.images.fine.shape == (4, 8, 16, 16)
+    out.hidden.sum().backward()
+    assert model.vlm.fine_stem.layers[0].weight.grad.abs().sum() > 0
+
+
+def test_stem_downsample_continues_the_shared_stem_to_the_patch_grid() -> None:
+    stem = ConvStem(6)
+    down = StemDownsample(stem, 2)
+    assert down.stride == 16 and down.num_features == 24
+    assert down.stem is stem
+    assert down(torch.randn(2, 3, 32, 48)).shape == (2, 24, 2, 3)
+    with pytest.raises(ValueError, match="depth"):
+        StemDownsample(stem, 0)
+    vision = {**MODEL_CFG["vision"], "conv_stem": True, "stem_downsample": 2}
+    model = build_model({**MODEL_CFG, "fine_channels": 4, "vision": vision}, tokenizer=_tokenizer())
+    assert model.vlm.vit_stem.stem is model.vlm.fine_stem
+    assert model.vlm.vision.patch_embed.proj.kernel_size == (1, 1)
+    batch = _batch(with_answers=True)
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"])
+    assert out.hidden.shape[:2] == batch["input_ids"].shape
+
+
+def test_reference_config_rejects_bad_values() -> None:
+    text = {"hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1}
+    vit = {k: v for k, v in MODEL_CFG["vision"].items() if k != "weights"}
+    with pytest.raises(ValueError, match="unknown keys"):
+        ReferenceVLMConfig(vision={"name": "vit_tiny_patch16_224", "colour": 1}, text_config=text)
+    with pytest.raises(ValueError, match="conv_stem needs a stem"):
+        ReferenceVLMConfig(vision={**vit, "conv_stem": True}, text_config=text)
+    with pytest.raises(ValueError, match="divisible"):
+        ReferenceVLMConfig(image_size=60, patch_size=16, text_config=text)
+    with pytest.raises(ValueError, match="stem_downsample"):
+        ReferenceVLMConfig(
+            vision={**vit, "conv_stem": False, "stem_downsample": 1},
+            text_config=text,
+            fine_channels=4,
+        )
+
+
+def test_vision_weights_load_strictly(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    model = _model()
+    state = {k: v.contiguous() for k, v in model.vlm.vision.state_dict().items()}
+    save_file(state, tmp_path / "vit.safetensors")
+    vision = {**MODEL_CFG["vision"], "weights": str(tmp_path / "vit.safetensors")}
+    again = build_model({**MODEL_CFG, "vision": vision}, tokenizer=_tokenizer())
+    for k, v in again.vlm.vision.state_dict().items():
+        assert torch.equal(v, state[k])
+    save_file({"nope": torch.zeros(1)}, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="missing keys"):
+        build_model(
+            {**MODEL_CFG, "vision": {**vision, "weights": str(tmp_path / "bad.safetensors")}},
+            tokenizer=_tokenizer(),
+        )
