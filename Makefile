@@ -6,12 +6,16 @@ BIN := $(VENV)/bin
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 export MAX_JOBS ?= 2
+# auto: the CUDA kernels only where nvcc is found and a GPU is present; 1: always (CI); 0: never.
+export TRP_CUDA ?= auto
 # 1: benchmarks in CI mode (few sizes, short timing)
 QUICK ?=
 
 CSRC := $(shell find src/trp/csrc -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu')
 INSTALLED := $(VENV)/.trp-installed
 EXTENSION := build/.trp-extension
+# Changing TRP_CUDA rebuilds trp._C (the stamp of the other value goes).
+CONFIG := build/.trp-config-cuda-$(TRP_CUDA)
 
 .PHONY: setup build demo test lint bench clean gpu-check
 
@@ -29,8 +33,12 @@ $(INSTALLED): $(VENV)/.torch setup.py setup.cfg pyproject.toml
 
 # Incremental (ninja) rebuild of trp._C after a change under src/trp/csrc; serialised with
 # flock so parallel shells never race on build/.
-$(EXTENSION): $(INSTALLED) $(CSRC)
+$(CONFIG):
 	mkdir -p build
+	rm -f build/.trp-config-cuda-*
+	touch $@
+
+$(EXTENSION): $(INSTALLED) $(CSRC) $(CONFIG)
 	flock build/.lock $(BIN)/python setup.py -q build_ext --inplace
 	touch $@
 

@@ -1,17 +1,62 @@
-"""Builds the ``trp._C`` extension: C++ kernels always, CUDA kernels when asked or available.
+"""Builds the ``trp._C`` extension: C++ kernels always, CUDA kernels when asked or useful.
 
-``TRP_CUDA=auto|0|1`` (default auto: build CUDA when nvcc is found through ``CUDA_HOME``).
-Every ``*.cpp`` under ``src/trp/csrc`` is compiled; every ``*.cu`` too when CUDA is built, so an
-op is added by dropping its files in ``csrc/<op>/`` (see docs/adding_an_op.md).
+``TRP_CUDA=auto|0|1`` (default auto: build CUDA when nvcc is found through ``CUDA_HOME`` *and* a
+GPU is present; CI sets 1 to compile the kernels without a GPU). Every ``*.cpp`` under
+``src/trp/csrc`` is compiled; every ``*.cu`` too when CUDA is built, so an op is added by
+dropping its files in ``csrc/<op>/`` (see docs/adding_an_op.md).
+
+The CPU kernel units (``csrc/<op>/<unit>_cpu.cpp``) are compiled once per instruction set
+(``CPU_CAPABILITIES``), through one generated wrapper source per unit and instruction set under
+``build/trp_cpu/<name>/``; ``csrc/cpu_dispatch.cpp`` picks one set at load (csrc/cpu_capability.h).
+The per-set compiler flags and a precompiled header per set (ATen's headers are most of each
+unit's compile time) are added to the ninja file that torch writes, so the build stays
+incremental.
 """
 
 import glob
 import os
+import platform
+import re
+import shutil
+import subprocess
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("src", "trp", "csrc")
+GENERATED = os.path.join(ROOT, "build", "trp_cpu")
+
+# Instruction set -> compiler flags (those of ATen's CPU_CAPABILITY builds).
+CPU_CAPABILITIES = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
+}
+
+# Headers every kernel unit includes, precompiled once per instruction set.
+PCH_HEADERS = (
+    "ATen/ATen.h",
+    "ATen/Dispatch.h",
+    "ATen/Parallel.h",
+    "ATen/cpu/vec/functional.h",
+    "ATen/cpu/vec/vec.h",
+    "torch/library.h",
+)
+
+
+def _gpu_present() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return False
+    try:
+        out = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
 
 
 def _want_cuda() -> bool:
@@ -23,39 +68,172 @@ def _want_cuda() -> bool:
     found = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
     if choice == "1" and not found:
         raise SystemExit("TRP_CUDA=1 but nvcc was not found: set CUDA_HOME to the CUDA root")
-    return choice == "1" or (choice == "auto" and found)
+    if choice == "auto":
+        want = found and _gpu_present()
+        print(
+            f"trp: TRP_CUDA=auto: nvcc {'found' if found else 'not found'}, "
+            f"{'building' if want else 'not building'} the CUDA kernels"
+            + ("" if want or not found else " (no GPU; TRP_CUDA=1 builds them anyway)")
+        )
+        return want
+    return choice == "1"
+
+
+def _capabilities() -> list[str]:
+    """The instruction sets to build: the vector ones on x86-64 with GCC/Clang only."""
+    if platform.machine().lower() not in {"x86_64", "amd64"} or os.name != "posix":
+        return ["DEFAULT"]
+    return list(CPU_CAPABILITIES)
+
+
+def _write_if_changed(path: str, text: str) -> None:
+    # An unchanged file keeps its mtime, so ninja rebuilds nothing.
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _capability_macros(name: str) -> list[str]:
+    return [f"-DTRP_CPU_CAPABILITY={name}", f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{name}"]
+
+
+def _cpu_units(capabilities: list[str]) -> dict[str, str]:
+    """Writes the wrappers of every kernel unit; returns {wrapper path: capability}."""
+    units = sorted(glob.glob(os.path.join(CSRC, "*", "*_cpu.cpp")))
+    wrappers = {}
+    names = []
+    for path in units:
+        name = os.path.basename(path)[: -len("_cpu.cpp")]
+        with open(path) as f:
+            text = f.read()
+        if "TORCH_LIBRARY" in text or f"TRP_CPU_KERNELS({name}," not in text:
+            raise SystemExit(
+                f"{path}: a CPU kernel unit registers its kernels with TRP_CPU_KERNELS({name}, m) "
+                "(csrc/cpu_capability.h), not TORCH_LIBRARY_IMPL: it is compiled once per "
+                "instruction set"
+            )
+        names.append(name)
+        rel = os.path.relpath(path, CSRC)
+        for cap in capabilities:
+            wrapper = os.path.join(GENERATED, cap, os.path.basename(path))
+            _write_if_changed(
+                wrapper,
+                f'// Generated by setup.py: the {cap} build of {CSRC}/{rel}.\n#include "{rel}"\n',
+            )
+            wrappers[wrapper] = cap
+        if len(set(names)) != len(names):
+            raise SystemExit(f"two CPU kernel units are named {name!r}")
+    for cap in capabilities:
+        _write_if_changed(
+            os.path.join(GENERATED, cap, "pch.hpp"),
+            "// Generated by setup.py: the headers every CPU kernel unit includes, precompiled.\n"
+            "".join(f"#include <{h}>\n" for h in PCH_HEADERS),
+        )
+    _write_if_changed(
+        os.path.join(GENERATED, "trp_cpu_units.h"),
+        "// Generated by setup.py (see csrc/cpu_dispatch.cpp).\n#pragma once\n"
+        "#define TRP_CPU_UNITS(X) " + " ".join(f"X({n})" for n in names) + "\n"
+        "#define TRP_CPU_CAPABILITIES(X) " + " ".join(f"X({c})" for c in capabilities) + "\n",
+    )
+    return wrappers
 
 
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    sources = sorted(glob.glob(os.path.join(CSRC, "**", "*.cpp"), recursive=True))
-    cxx = ["-O3", "-fdiagnostics-color=always"]
+    capabilities = _capabilities()
+    wrappers = _cpu_units(capabilities)
+    plain = [
+        p
+        for p in sorted(glob.glob(os.path.join(CSRC, "**", "*.cpp"), recursive=True))
+        if not p.endswith("_cpu.cpp")
+    ]
+    # The DEFAULT objects come first in the link: where the capability builds share an inline
+    # function of a library header (ATen's), the linker keeps the first copy, the baseline one.
+    sources = plain + sorted(wrappers, key=lambda w: capabilities.index(wrappers[w]))
+    include_dirs = [os.path.join(ROOT, CSRC), GENERATED]
+    # -g0: debug info doubles the compile time of every unit and nobody reads it here.
+    cxx = ["-O3", "-g0", "-fdiagnostics-color=always"]
     if _want_cuda():
         sources += sorted(glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True))
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-DTRP_WITH_CUDA"]
-        return [
-            CUDAExtension(
-                "trp._C",
-                sources,
-                include_dirs=[os.path.join(ROOT, CSRC)],
-                extra_compile_args={"cxx": [*cxx, "-DTRP_WITH_CUDA"], "nvcc": nvcc},
-            )
-        ]
-    return [
-        CppExtension(
+        ext = CUDAExtension(
             "trp._C",
             sources,
-            include_dirs=[os.path.join(ROOT, CSRC)],
-            extra_compile_args={"cxx": cxx},
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": [*cxx, "-DTRP_WITH_CUDA"], "nvcc": nvcc},
         )
-    ]
+    else:
+        ext = CppExtension(
+            "trp._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}
+        )
+    ext.trp_cpu_wrappers = wrappers
+    return [ext]
+
+
+def _patch_ninja(path: str, wrappers: dict[str, str]) -> None:
+    """Adds each instruction set's flags and precompiled header to its units' build lines."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    by_source = {os.path.abspath(w): cap for w, cap in wrappers.items()}
+    out, pch_rules, seen = [], {}, set()
+    for line in lines:
+        m = re.fullmatch(r"build (\S+): compile (\S+)", line)
+        cap = by_source.get(m.group(2)) if m else None
+        if cap is None:
+            out.append(line)
+            continue
+        seen.add(m.group(2))
+        # -Wno-unknown-pragmas: ATen's vec headers carry `#pragma unroll` for other compilers.
+        flags = " ".join([*_capability_macros(cap), *CPU_CAPABILITIES[cap], "-Wno-unknown-pragmas"])
+        pch = os.path.join(GENERATED, cap, "pch.hpp")
+        if cap not in pch_rules:
+            pch_rules[cap] = [
+                f"build {pch}.gch: compile {pch}",
+                f"  post_cflags = $post_cflags {flags}",
+            ]
+        out += [
+            f"{line} | {pch}.gch",
+            f"  post_cflags = $post_cflags {flags} -include {pch} -Winvalid-pch",
+        ]
+    missing = set(by_source) - seen
+    if missing:
+        raise RuntimeError(f"the ninja file torch wrote has no build line for {sorted(missing)}")
+    with open(path, "w") as f:
+        f.write("\n".join(out + [r for rules in pch_rules.values() for r in rules]) + "\n")
 
 
 def _cmdclass():
-    from torch.utils.cpp_extension import BuildExtension
+    from torch.utils import cpp_extension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExtension(base):
+        """torch's BuildExtension, with per-instruction-set flags in the ninja file it writes."""
+
+        def build_extensions(self):
+            wrappers = {}
+            for ext in self.extensions:
+                wrappers.update(getattr(ext, "trp_cpu_wrappers", {}))
+            if wrappers and not cpp_extension.is_ninja_available():
+                raise SystemExit("building trp._C needs ninja (pip install ninja)")
+            write = cpp_extension._write_ninja_file
+
+            def write_and_patch(*args, **kwargs):
+                write(*args, **kwargs)
+                _patch_ninja(kwargs["path"] if "path" in kwargs else args[0], wrappers)
+
+            cpp_extension._write_ninja_file = write_and_patch
+            try:
+                super().build_extensions()
+            finally:
+                cpp_extension._write_ninja_file = write
+
+    return {"build_ext": BuildExtension}
 
 
 # The Makefile installs with TRP_SKIP_EXTENSION=1 and then builds trp._C in place with ninja

@@ -37,6 +37,16 @@ def cuda_kernels_available() -> bool:
     )
 
 
+def cpu_capability() -> str | None:
+    """The instruction set of the CPU kernels in use: ``"DEFAULT"``, ``"AVX2"`` or ``"AVX512"``.
+
+    Chosen once when ``trp._C`` loads: the best one built that this CPU runs, never above
+    ATen's own choice, so ``ATEN_CPU_CAPABILITY=default|avx2|avx512`` lowers it as it lowers
+    torch's kernels. ``None`` without ``trp._C``.
+    """
+    return torch.ops.trp_cpu.capability() if native_available() else None
+
+
 def _env_fused() -> bool:
     value = os.environ.get("TRP_FUSED", "1").strip().lower()
     if value not in {"0", "1", "true", "false"}:

@@ -4,7 +4,31 @@
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 
+// The CPU kernels are compiled once per instruction set (setup.py: DEFAULT, AVX2, AVX512; see
+// cpu_capability.h), so every inline function of trp's headers gets one copy per instruction set.
+// They live in an inline namespace named after it, as ATen's kernels do with CPU_CAPABILITY:
+// without it the linker would keep one arbitrary copy of each, and an AVX-512 copy called from the
+// DEFAULT kernels is an illegal instruction on an older CPU. Each op's namespace is declared here
+// first, so that the headers' plain `namespace trp { namespace <op> {` extends the one inside
+// (C++ [namespace.def]): a new op adds its namespace to this list.
+#ifndef TRP_CPU_CAPABILITY
+#define TRP_CPU_CAPABILITY DEFAULT
+#endif
+
 namespace trp {
+inline namespace TRP_CPU_CAPABILITY {
+namespace box_iou {}
+namespace match_cost {}
+namespace ms_deform_attn {}
+namespace oks {}
+namespace point_mask {}
+namespace soft_argmax {}
+namespace vrt_ce {}
+}  // namespace TRP_CPU_CAPABILITY
+}  // namespace trp
+
+namespace trp {
+inline namespace TRP_CPU_CAPABILITY {
 
 // Every public op validates its inputs with these before touching data, so a bad call raises
 // a Python exception instead of reading out of bounds.
@@ -81,4 +105,5 @@ C10_HOST_DEVICE inline T safe_div(T num, T den) {
   return den > T(0) ? num / den : T(0);
 }
 
+}  // namespace TRP_CPU_CAPABILITY
 }  // namespace trp

@@ -4,7 +4,7 @@ Each op has a function and an ``nn.Module``; the fused kernel runs when ``trp._C
 ``TRP_FUSED`` is not 0, otherwise the reference in :mod:`trp.ops.reference` does.
 """
 
-from trp._native import fused_enabled, native_available, set_fused, use_fused
+from trp._native import cpu_capability, fused_enabled, native_available, set_fused, use_fused
 from trp.ops import reference
 from trp.ops.box_iou import BoxIoU, box_iou, generalized_box_iou
 from trp.ops.match_cost import MatchCost, PackedCost, class_cost_table, match_cost
@@ -33,6 +33,7 @@ __all__ = [
     "VRTLinearCrossEntropy",
     "box_iou",
     "class_cost_table",
+    "cpu_capability",
     "fused_enabled",
     "generalized_box_iou",
     "match_cost",

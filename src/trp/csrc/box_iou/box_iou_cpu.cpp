@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "box_iou/box_iou.h"
+#include "cpu_capability.h"
 
 namespace trp {
 namespace box_iou {
@@ -86,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> box_iou_backward_cpu(const at::Tensor& grad_i
 }  // namespace box_iou
 }  // namespace trp
 
-TORCH_LIBRARY_IMPL(trp, CPU, m) {
+TRP_CPU_KERNELS(box_iou, m) {
   m.impl("box_iou", &trp::box_iou::box_iou_cpu);
   m.impl("generalized_box_iou", &trp::box_iou::generalized_box_iou_cpu);
   m.impl("box_iou_backward", &trp::box_iou::box_iou_backward_cpu);

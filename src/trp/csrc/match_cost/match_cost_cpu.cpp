@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "match_cost/match_cost.h"
+#include "cpu_capability.h"
 
 namespace trp {
 namespace match_cost {
@@ -58,6 +59,6 @@ at::Tensor match_cost_cpu(const at::Tensor& class_cost_in, const at::Tensor& pre
 }  // namespace match_cost
 }  // namespace trp
 
-TORCH_LIBRARY_IMPL(trp, CPU, m) {
+TRP_CPU_KERNELS(match_cost, m) {
   m.impl("match_cost", &trp::match_cost::match_cost_cpu);
 }

@@ -83,36 +83,6 @@ C10_HOST_DEVICE inline Footprint<acc_t> point_footprint(const Levels& lv, const 
                           lv.shapes[2 * l], lv.shapes[2 * l + 1]);
 }
 
-// Forward of one (n, q, m), all D channels: out[d] = sum_{l, p, corner} attn * w * value[d].
-// The footprint is computed once per point and reused across the contiguous channels.
-template <typename scalar_t, typename acc_t>
-C10_HOST_DEVICE inline void forward_query_head(const Levels& lv, const scalar_t* value_nm,
-                                               const scalar_t* loc, const scalar_t* attn,
-                                               acc_t* out) {
-  const int64_t D = lv.channels;
-  for (int64_t d = 0; d < D; ++d) {
-    out[d] = acc_t(0);
-  }
-  for (int64_t l = 0; l < lv.num_levels; ++l) {
-    const scalar_t* level = value_nm + lv.starts[l] * lv.row_stride;
-    for (int64_t p = 0; p < lv.num_points; ++p) {
-      const int64_t k = l * lv.num_points + p;
-      const Footprint<acc_t> f = point_footprint<scalar_t, acc_t>(lv, loc, l, k);
-      const acc_t a = static_cast<acc_t>(attn[k]);
-      for (int c = 0; c < 4; ++c) {
-        if (f.row[c] < 0) {
-          continue;
-        }
-        const scalar_t* v = level + f.row[c] * lv.row_stride;
-        const acc_t w = a * f.weight[c];
-        for (int64_t d = 0; d < D; ++d) {
-          out[d] += w * static_cast<acc_t>(v[d]);
-        }
-      }
-    }
-  }
-}
-
 // Forward of one (n, q, m) and one channel d (the CUDA launcher's thread granularity, so that
 // consecutive threads read consecutive channels).
 template <typename scalar_t, typename acc_t>
@@ -154,6 +124,29 @@ C10_HOST_DEVICE inline acc_t dot_product(const scalar_t* a, const scalar_t* b, i
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
+// The location and weight gradients of one point, from the dot products <grad_out, value row>
+// of its corners (shared by backward_query_head and the CPU launcher's vectorised channel loop).
+template <typename acc_t>
+struct PointGrad {
+  acc_t attn = acc_t(0), x = acc_t(0), y = acc_t(0);
+
+  C10_HOST_DEVICE void add(const Footprint<acc_t>& f, int corner, acc_t dot) {
+    attn += f.weight[corner] * dot;
+    x += f.dweight_dx[corner] * dot;
+    y += f.dweight_dy[corner] * dot;
+  }
+
+  // Point k of level l, attention weight a.
+  template <typename scalar_t>
+  C10_HOST_DEVICE void store(const Levels& lv, int64_t l, int64_t k, acc_t a, scalar_t* grad_loc,
+                             scalar_t* grad_attn) const {
+    grad_attn[k] = static_cast<scalar_t>(attn);
+    // d pixel / d loc is the level's size (pixel = loc * size - 0.5).
+    grad_loc[2 * k] = static_cast<scalar_t>(a * x * static_cast<acc_t>(lv.shapes[2 * l + 1]));
+    grad_loc[2 * k + 1] = static_cast<scalar_t>(a * y * static_cast<acc_t>(lv.shapes[2 * l]));
+  }
+};
+
 // Backward of one (n, q, m). Writes grad_loc ([L, P, 2]) and grad_attn ([L, P]) of this
 // (n, q, m) and adds into grad_value_nm (value's layout, opmath type) through `add`, which is a
 // plain += where the caller owns grad_value[n, :, m, :] and an atomic add where it does not.
@@ -168,13 +161,11 @@ C10_HOST_DEVICE inline void backward_query_head(const Levels& lv, const scalar_t
     const int64_t level_offset = lv.starts[l] * lv.row_stride;
     const scalar_t* level = value_nm + level_offset;
     acc_t* grad_level = grad_value_nm + level_offset;
-    const acc_t height = static_cast<acc_t>(lv.shapes[2 * l]);
-    const acc_t width = static_cast<acc_t>(lv.shapes[2 * l + 1]);
     for (int64_t p = 0; p < lv.num_points; ++p) {
       const int64_t k = l * lv.num_points + p;
       const Footprint<acc_t> f = point_footprint<scalar_t, acc_t>(lv, loc, l, k);
       const acc_t a = static_cast<acc_t>(attn[k]);
-      acc_t g_attn = acc_t(0), g_x = acc_t(0), g_y = acc_t(0);
+      PointGrad<acc_t> g;
       for (int c = 0; c < 4; ++c) {
         if (f.row[c] < 0) {
           continue;
@@ -185,15 +176,9 @@ C10_HOST_DEVICE inline void backward_query_head(const Levels& lv, const scalar_t
         for (int64_t d = 0; d < D; ++d) {
           add(gv + d, wa * static_cast<acc_t>(grad_out[d]));
         }
-        const acc_t dot = dot_product<acc_t>(grad_out, v, D);
-        g_attn += f.weight[c] * dot;
-        g_x += f.dweight_dx[c] * dot;
-        g_y += f.dweight_dy[c] * dot;
+        g.add(f, c, dot_product<acc_t>(grad_out, v, D));
       }
-      grad_attn[k] = static_cast<scalar_t>(g_attn);
-      // d pixel / d loc is the level's size (pixel = loc * size - 0.5).
-      grad_loc[2 * k] = static_cast<scalar_t>(a * g_x * width);
-      grad_loc[2 * k + 1] = static_cast<scalar_t>(a * g_y * height);
+      g.store(lv, l, k, a, grad_loc, grad_attn);
     }
   }
 }

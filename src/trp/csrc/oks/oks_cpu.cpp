@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "oks/oks.h"
+#include "cpu_capability.h"
 
 namespace trp {
 namespace oks {
@@ -50,6 +51,6 @@ at::Tensor oks_cpu(const at::Tensor& pred_in, const at::Tensor& tgt_in, const at
 }  // namespace oks
 }  // namespace trp
 
-TORCH_LIBRARY_IMPL(trp, CPU, m) {
+TRP_CPU_KERNELS(oks, m) {
   m.impl("oks", &trp::oks::oks_cpu);
 }

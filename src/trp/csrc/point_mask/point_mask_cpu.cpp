@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "point_mask/point_mask.h"
+#include "cpu_capability.h"
 
 namespace trp {
 namespace point_mask {
@@ -237,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> point_mask_loss_backward_cpu(
 }  // namespace point_mask
 }  // namespace trp
 
-TORCH_LIBRARY_IMPL(trp, CPU, m) {
+TRP_CPU_KERNELS(point_mask, m) {
   m.impl("point_mask_logits", &trp::point_mask::point_mask_logits_cpu);
   m.impl("point_mask_logits_backward", &trp::point_mask::point_mask_logits_backward_cpu);
   m.impl("point_mask_loss", &trp::point_mask::point_mask_loss_cpu);

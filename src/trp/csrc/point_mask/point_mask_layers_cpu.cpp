@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "point_mask/point_mask.h"
+#include "cpu_capability.h"
 
 namespace trp {
 namespace point_mask {
@@ -194,6 +195,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> point_mask_loss_layer
 }  // namespace point_mask
 }  // namespace trp
 
-TORCH_LIBRARY_IMPL(trp, CPU, m) {
+TRP_CPU_KERNELS(point_mask_layers, m) {
   m.impl("point_mask_loss_layers", &trp::point_mask::point_mask_loss_layers_cpu);
 }

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "soft_argmax/soft_argmax.h"
+#include "cpu_capability.h"
 
 namespace trp {
 namespace soft_argmax {
@@ -93,7 +94,7 @@ at::Tensor soft_argmax_backward_cpu(const at::Tensor& grad_coords_in, const at::
 }  // namespace soft_argmax
 }  // namespace trp
 
-TORCH_LIBRARY_IMPL(trp, CPU, m) {
+TRP_CPU_KERNELS(soft_argmax, m) {
   m.impl("soft_argmax", &trp::soft_argmax::soft_argmax_cpu);
   m.impl("soft_argmax_backward", &trp::soft_argmax::soft_argmax_backward_cpu);
 }

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "vrt_linear_cross_entropy/vrt_linear_cross_entropy.h"
+#include "cpu_capability.h"
 
 namespace trp {
 namespace vrt_ce {
@@ -127,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 }  // namespace vrt_ce
 }  // namespace trp
 
-TORCH_LIBRARY_IMPL(trp, CPU, m) {
+TRP_CPU_KERNELS(vrt_linear_cross_entropy, m) {
   m.impl("vrt_linear_cross_entropy", &trp::vrt_ce::forward_cpu);
   m.impl("vrt_linear_cross_entropy_backward", &trp::vrt_ce::backward_cpu);
 }
