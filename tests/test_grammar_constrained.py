@@ -517,3 +517,33 @@ def test_padded_columns_finished_rows_and_in_place_agree() -> None:
     assert torch.isinf(vrt).all()
     close = encode_text(tok, ")")[0]
     assert torch.isfinite(out[:3, close]).all()
+
+
+def test_output_buffers_are_reused_only_when_nobody_holds_them() -> None:
+    tok = offline_tokenizer("bpe")
+    ids = torch.tensor([encode_text(tok, "hello world, the dog on the left is red")])
+    scores = torch.randn(1, len(tok))
+
+    def proc() -> TRPLogitsProcessor:
+        return TRPLogitsProcessor(tokenizer=tok, eos_token_id=tok.eos_token_id)
+
+    p = proc()
+    ptrs = []
+    for t in range(1, 8):  # as generate: only the latest output is held
+        out = p(ids[:, :t], scores)
+        ptrs.append(out.data_ptr())
+    assert len(set(ptrs)) == 2  # two buffers alternate (the caller holds the last one)
+    p = proc()
+    kept = [p(ids[:, :t], scores) for t in range(1, 6)]  # as output_scores=True keeps them
+    assert len({o.data_ptr() for o in kept}) == 5
+    q = proc()
+    want = [q(ids[:, :t], scores).clone() for t in range(1, 6)]  # copied at once: q reuses
+    assert all(torch.equal(a, b) for a, b in zip(kept, want))  # nothing kept was overwritten
+    assert not all(torch.equal(want[0], w) for w in want[1:])
+    p = proc()
+    view = None
+    for t in range(1, 6):
+        out = p(ids[:, :t], scores)
+        if t == 1:
+            view, first = out[:, :5], out.clone()  # a view keeps its storage from reuse
+    assert torch.equal(view, first[:, :5])

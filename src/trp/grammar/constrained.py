@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
+import sys
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -516,6 +517,7 @@ class TRPLogitsProcessor(LogitsProcessor):
         self._prompt_len: int | None = None
         self._rows: dict[tuple[int, ...], _Row] = {}
         self._vrt_on: dict[torch.device, torch.Tensor] = {}
+        self._spare: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ warm-up
     def warm(self, answers: Iterable[str]) -> int:
@@ -584,7 +586,7 @@ class TRPLogitsProcessor(LogitsProcessor):
         if self.max_new_tokens is not None:
             budget = self.max_new_tokens - (length - self._prompt_len)
         generated = input_ids[:, self._prompt_len :].tolist()
-        out = scores if self.inplace else scores.clone()
+        out = scores if self.inplace else self._output(scores)
         device = scores.device
         now: dict[tuple[int, ...], _Row] = {}
         # Rows sharing a state (and budget) share one row mask: apply each mask once to all its
@@ -657,6 +659,22 @@ class TRPLogitsProcessor(LogitsProcessor):
             )
         return out
 
+    def _output(self, scores: torch.Tensor) -> torch.Tensor:
+        """A copy of ``scores`` to mask. On CPU a fresh copy costs more than the masking (a large
+        allocation is fresh memory, page-faulted in: ~1-10 ms at 16 x 150k), so the buffer of an
+        earlier step is reused once nothing but this processor refers to it any more — the
+        caller dropped it and no view of it lives (``generate`` keeps only the latest output
+        unless ``output_scores``, and then keeps them all, so none is reused)."""
+        if scores.device.type == "cpu" and _storage_uses is not None:
+            for i in range(len(self._spare)):  # by index: a loop variable would be a reference
+                if _only_ours(self._spare, i, scores):
+                    return self._spare[i].copy_(scores)
+            out = scores.clone()
+            # Two buffers alternate: the caller still holds the last step's output.
+            self._spare = [*self._spare[-1:], out]
+            return out
+        return scores.clone()
+
     def _not_patches(self, sample: int, state: ScanState, device: torch.device) -> torch.Tensor:
         """``Tensor[num_vrt] bool``: what the row may not point at — patches of other images and
         those already in the open run."""
@@ -678,6 +696,22 @@ class TRPLogitsProcessor(LogitsProcessor):
 
     def _encode(self, text: str) -> list[int]:
         return encode_text(self.tokenizer, text, vrt_base=self.vocab.vrt_base)
+
+
+_storage_uses = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _only_ours(spare: list[torch.Tensor], i: int, like: torch.Tensor) -> bool:
+    """Whether ``spare[i]`` is shaped like ``like`` and referenced by nothing but the list: no
+    other Python reference and no other tensor (a view) on its storage."""
+    t = spare[i]
+    if t.shape != like.shape or t.dtype != like.dtype:
+        return False
+    # References: the list, the local ``t`` and getrefcount's argument.
+    if sys.getrefcount(t) != 3:
+        return False
+    # Users of the storage: the tensor and the temporary storage object asked.
+    return _storage_uses(t.untyped_storage()._cdata) == 2  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------------------------ prefix
