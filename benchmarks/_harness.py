@@ -6,13 +6,20 @@ A benchmark module (``benchmarks/bench_<op>.py``) defines
 * ``make_inputs(case: dict, mode: str) -> dict``: seeded inputs (``mode`` is ``"forward"`` or
   ``"forward+backward"``; the latter makes leaf tensors that require grad);
 * ``SIDES: dict[str, Callable[..., Tensor | tuple]]``: ``"eager"`` and ``"fused"`` callables taking
-  the inputs as keyword arguments; a side returning several tensors is reduced by summing;
+  the inputs as keyword arguments; a side returning several tensors is reduced by summing; any
+  further side (e.g. another library's implementation) is timed too and reported as the
+  ``vs <side>`` speed-up of the fused one;
 * optionally ``MODES`` (default both) and ``check(case) -> float``: max abs error fused vs eager.
 
 Timing uses ``torch.utils.benchmark.Timer.blocked_autorange`` at 1 and 2 threads. Peak memory is
 the growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) over one call,
 measured in a fresh subprocess with glibc's mmap threshold pinned so freed tensors leave the
 process: what a user sees as the process growing.
+
+Every result records the CPU model (``lscpu``) and the instruction sets the run used: trp's CPU
+kernels (``trp.ops.cpu_capability()``), ATen's, and the ``ATEN_CPU_CAPABILITY`` /
+``ONEDNN_MAX_CPU_ISA`` / ``MKL_ENABLE_INSTRUCTIONS`` limits in force (to measure an AVX2 machine on
+an AVX-512 one, set all three to AVX2).
 """
 
 from __future__ import annotations
@@ -33,6 +40,45 @@ from torch.utils import benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("forward", "forward+backward")
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name, as ``lscpu`` gives it (``/proc/cpuinfo`` without lscpu)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        out = ""
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def machine() -> dict:
+    """The CPU and the instruction sets in use, recorded with every result."""
+    from trp.ops import cpu_capability
+
+    return {
+        "cpu_model": cpu_model(),
+        "trp_cpu_capability": cpu_capability(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_limits": {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ},
+    }
+
+
+def machine_line(meta: dict) -> str:
+    limits = ", ".join(f"{k}={v}" for k, v in meta.get("isa_limits", {}).items()) or "none"
+    return (
+        f"CPU: {meta.get('cpu_model')}; CPU kernels: trp {meta.get('trp_cpu_capability')}, "
+        f"ATen {meta.get('aten_cpu_capability')}; instruction-set limits: {limits}; "
+        f"torch {meta.get('torch')}, {meta.get('cpu_count')} CPUs."
+    )
 
 
 def load_module(path: str | Path) -> ModuleType:
@@ -150,22 +196,26 @@ def run(module_path: str | Path, quick: bool, threads: tuple[int, ...] = (1, 2))
                     ).blocked_autorange(min_run_time=min_run_time)
                     timings[side] = m
                 eager, fused = timings["eager"], timings["fused"]
-                rows.append(
-                    {
-                        "op": module.OP,
-                        "case": case,
-                        "mode": mode,
-                        "threads": n,
-                        "eager_median_s": eager.median,
-                        "eager_iqr_s": eager.iqr,
-                        "fused_median_s": fused.median,
-                        "fused_iqr_s": fused.iqr,
-                        "speedup": eager.median / fused.median,
-                        "eager_peak_bytes": memory["eager"],
-                        "fused_peak_bytes": memory["fused"],
-                        "max_abs_error": error,
-                    }
-                )
+                row = {
+                    "op": module.OP,
+                    "case": case,
+                    "mode": mode,
+                    "threads": n,
+                    "eager_median_s": eager.median,
+                    "eager_iqr_s": eager.iqr,
+                    "fused_median_s": fused.median,
+                    "fused_iqr_s": fused.iqr,
+                    "speedup": eager.median / fused.median,
+                    "eager_peak_bytes": memory["eager"],
+                    "fused_peak_bytes": memory["fused"],
+                    "max_abs_error": error,
+                }
+                for side in _others(module.SIDES):
+                    row[f"{side}_median_s"] = timings[side].median
+                    row[f"{side}_iqr_s"] = timings[side].iqr
+                    row[f"{side}_peak_bytes"] = memory[side]
+                    row[f"speedup_vs_{side}"] = timings[side].median / fused.median
+                rows.append(row)
                 print(_row_markdown(rows[-1]), flush=True)
     write(module.OP, rows, quick)
     return rows
@@ -173,8 +223,16 @@ def run(module_path: str | Path, quick: bool, threads: tuple[int, ...] = (1, 2))
 
 _HEADER = (
     "| case | mode | threads | eager ms (IQR) | fused ms (IQR) | speed-up | eager peak MB | "
-    "fused peak MB | memory ratio | max abs err |\n|---|---|---|---|---|---|---|---|---|---|"
+    "fused peak MB | memory ratio | max abs err |"
 )
+
+
+def _others(sides) -> list[str]:
+    return [s for s in sides if s not in ("eager", "fused")]
+
+
+def _row_others(r: dict) -> list[str]:
+    return [k[len("speedup_vs_") :] for k in r if k.startswith("speedup_vs_")]
 
 
 def _row_markdown(r: dict) -> str:
@@ -188,16 +246,25 @@ def _row_markdown(r: dict) -> str:
     else:
         ratio = f"{eager_peak / fused_peak:.1f}x"
     err = "" if r["max_abs_error"] is None else f"{r['max_abs_error']:.1e}"
+    others = "".join(
+        f" {_fmt_ms(r[f'{o}_median_s'])} | {r[f'speedup_vs_{o}']:.2f}x |" for o in _row_others(r)
+    )
     return (
         f"| {case} | {r['mode']} | {r['threads']} | {_fmt_ms(r['eager_median_s'])} "
         f"({_fmt_ms(r['eager_iqr_s'])}) | {_fmt_ms(r['fused_median_s'])} "
         f"({_fmt_ms(r['fused_iqr_s'])}) | {r['speedup']:.2f}x | {_fmt_mb(r['eager_peak_bytes'])} "
-        f"| {_fmt_mb(r['fused_peak_bytes'])} | {ratio} | {err} |"
+        f"| {_fmt_mb(r['fused_peak_bytes'])} | {ratio} | {err} |{others}"
     )
 
 
-def to_markdown(op: str, rows: list[dict]) -> str:
-    lines = [f"### {op}", "", _HEADER, *(_row_markdown(r) for r in rows)]
+def to_markdown(op: str, rows: list[dict], meta: dict | None = None) -> str:
+    others = _row_others(rows[0]) if rows else []
+    header = _HEADER + "".join(f" {o} ms | vs {o} |" for o in others)
+    rule = "|" + "---|" * header.count(" |")
+    lines = [f"### {op}", ""]
+    if meta is not None:
+        lines += [machine_line(meta), ""]
+    lines += [header, rule, *(_row_markdown(r) for r in rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -209,10 +276,11 @@ def write(op: str, rows: list[dict], quick: bool) -> None:
         "date": time.strftime("%Y-%m-%d"),
         "cpu_count": os.cpu_count(),
         "quick": quick,
+        **machine(),
     }
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (RESULTS / f"{stem}.md").write_text(to_markdown(op, rows))
-    print(f"\n{to_markdown(op, rows)}\nwrote {RESULTS / stem}.json/.md")
+    (RESULTS / f"{stem}.md").write_text(to_markdown(op, rows, meta))
+    print(f"\n{to_markdown(op, rows, meta)}\nwrote {RESULTS / stem}.json/.md")
 
 
 def main(module_path: str) -> None:

@@ -1,4 +1,5 @@
-"""trp.ops.ms_deform_attn vs Deformable-DETR's grid_sample version (ms_deform_attn_core_pytorch).
+"""trp.ops.ms_deform_attn vs Deformable-DETR's grid_sample version (ms_deform_attn_core_pytorch)
+and transformers' ``MultiScaleDeformableAttention`` (its CPU path, also grid_sample based).
 
 Deformable-DETR encoder sizes: M=8 heads, D=32 channels per head, L=4 levels, P=4 points; the
 levels of a 512 x 512 image at strides 8-64 (64², 32², 16², 8²: S = 5440) and one query per
@@ -64,7 +65,32 @@ def make_inputs(case: dict, mode: str) -> dict:
     }
 
 
+def transformers_msda(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+):
+    """transformers' MultiScaleDeformableAttention (Deformable-DETR / RT-DETR in transformers)."""
+    shapes = [tuple(hw) for hw in spatial_shapes.tolist()]
+    return _TRANSFORMERS(
+        value,
+        spatial_shapes,
+        shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        im2col_step=64,
+    )
+
+
 SIDES = {"eager": reference.ms_deform_attn, "fused": ms_deform_attn}
+try:
+    from transformers.models.deformable_detr.modeling_deformable_detr import (
+        MultiScaleDeformableAttention,
+    )
+except ImportError:  # transformers is optional here: the comparison is then left out
+    pass
+else:
+    _TRANSFORMERS = MultiScaleDeformableAttention()
+    SIDES["transformers"] = transformers_msda
 
 
 def check(case: dict) -> float:

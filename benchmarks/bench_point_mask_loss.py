@@ -301,9 +301,11 @@ def _ratio(a: int | None, b: int | None) -> str:
     return f"{a / b:.1f}x"
 
 
-def to_markdown(rows: list[dict]) -> str:
+def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"### {OP}",
+        "",
+        _harness.machine_line(meta),
         "",
         "eager = Mask2Former's path (pred_masks of all queries at all layers, loss_masks per "
         "layer); eager lean = einsum of the matched queries only, one layer at a time; fused = "
@@ -342,10 +344,11 @@ def write(rows: list[dict], quick: bool) -> None:
         "date": time.strftime("%Y-%m-%d"),
         "cpu_count": os.cpu_count(),
         "quick": quick,
+        **_harness.machine(),
     }
     (results / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (results / f"{stem}.md").write_text(to_markdown(rows))
-    print(f"\n{to_markdown(rows)}\nwrote {results / stem}.json/.md")
+    (results / f"{stem}.md").write_text(to_markdown(rows, meta))
+    print(f"\n{to_markdown(rows, meta)}\nwrote {results / stem}.json/.md")
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """Per-token decode latency of trp.vrt.VRTHead vs the concatenated-table LM head (PaDT's way:
-``h @ cat(W_text, P_batch).T`` then mask other samples' patches, rebuilt at every step).
+``h @ cat(W_text, P_batch).T`` then mask other samples' patches, rebuilt at every step), and vs
+the plain text LM head (``vs text_head`` < 1: VRTHead is slower than text-only decoding).
 
     python benchmarks/bench_vrt_head.py [--quick] [--threads 1 2]
 """
@@ -58,7 +59,12 @@ def vrt_head(hidden, prototypes, head, binding):
     return head(hidden, prototypes=prototypes, binding=binding)
 
 
-SIDES = {"eager": concatenated, "fused": vrt_head}
+def text_head(hidden, prototypes, head, binding):
+    """The plain LM head over the text vocabulary only: what a step costs without VRTs."""
+    return head.text_logits(hidden)
+
+
+SIDES = {"eager": concatenated, "fused": vrt_head, "text_head": text_head}
 
 
 def check(case: dict) -> float:

@@ -170,3 +170,26 @@ def test_context_rows_start_at_the_prototypes_and_learn_from_the_states():
         layer(protos, torch.randn(6, D))
     with pytest.raises(ValueError, match="dim must be positive"):
         VRTContext(dim=0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_decoding_writes_one_output_equal_to_the_differentiable_path(bias):
+    # Without autograd VRTHead writes text and VRT logits into one buffer (no concatenation);
+    # with it, it concatenates: both give the same logits, -inf on every padded patch slot.
+    gen = torch.Generator().manual_seed(3)
+    lm_head = nn.Linear(8, 30, bias=bias)
+    head = VRTHead(text_head=lm_head, vrt_base=27)
+    binding = ImageBinding.from_grids([[2, 2], [1, 3], [2, 3]], [1, 1, 1], vrt_base=27)
+    hidden = torch.randn(6, 2, 8, generator=gen)
+    protos = torch.randn(binding.total_patches, 8, generator=gen)
+    with torch.no_grad():
+        fast = head(hidden, prototypes=protos, binding=binding)
+    slow = head(hidden.requires_grad_(), prototypes=protos, binding=binding)
+    assert slow.requires_grad and not fast.requires_grad
+    assert fast.shape == (6, 2, 27 + 6) and fast.is_contiguous()
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-6, atol=1e-6)
+    counts = binding.patches_per_sample.tolist()
+    for s, count in enumerate(counts):
+        rows = fast[2 * s : 2 * s + 2]
+        assert torch.isneginf(rows[..., 27 + count :]).all()
+        assert torch.isfinite(rows[..., : 27 + count]).all()

@@ -62,9 +62,8 @@ class VRTHead(nn.Module):
             raise ValueError(
                 f"hidden must have shape [R, L, {self.weight.shape[1]}], got {list(hidden.shape)}"
             )
-        text = self.text_logits(hidden)  # R x L x V
         if binding is None:
-            return text
+            return self.text_logits(hidden)  # R x L x V
         if prototypes is None:
             raise ValueError("a binding needs its prototypes")
         if binding.vrt_base != self.vrt_base:
@@ -79,13 +78,55 @@ class VRTHead(nn.Module):
         # Each sample's rows are a contiguous block of generation rows and its prototypes a
         # contiguous block of feature rows: one product per sample over views, no gather.
         per = binding.rows_per_sample(hidden.shape[0])
-        width = binding.max_patches
         offsets = binding.sample_offsets.tolist()
         protos = prototypes.to(hidden.dtype)
+        if self._records_graph(hidden, protos):
+            return self._concatenated(hidden, protos, per, offsets, binding.max_patches)
+        return self._into_one_output(hidden, protos, per, offsets, binding.max_patches)
+
+    def _records_graph(self, hidden: Tensor, protos: Tensor) -> bool:
+        """Whether the logits need autograd or autocast (``out=`` products support neither)."""
+        bias = getattr(self.text_head, "bias", None)
+        tensors = [hidden, self.weight, protos] + ([] if bias is None else [bias])
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return True
+        return torch.is_autocast_enabled(hidden.device.type) or any(
+            t.dtype != hidden.dtype for t in tensors
+        )
+
+    def _concatenated(
+        self, hidden: Tensor, protos: Tensor, per: int, offsets: list[int], width: int
+    ) -> Tensor:
+        text = self.text_logits(hidden)  # R x L x V
         pieces = []
-        for s in range(binding.num_samples):
+        for s in range(len(offsets) - 1):
             own = protos[offsets[s] : offsets[s + 1]]  # P_s x D
             scores = torch.matmul(hidden[s * per : (s + 1) * per], own.T)  # per x L x P_s
             pieces.append(F.pad(scores, (0, width - own.shape[0]), value=float("-inf")))
         vrt = torch.cat(pieces, dim=0)  # R x L x Pmax
         return torch.cat([text, vrt.to(text.dtype)], dim=-1)
+
+    def _into_one_output(
+        self, hidden: Tensor, protos: Tensor, per: int, offsets: list[int], width: int
+    ) -> Tensor:
+        # Decoding: every product writes into its own columns of the one [R, L, V + Pmax] result
+        # (the GEMM's leading dimension is the row length), so the [R, L, V] text logits are
+        # never copied.
+        rows, length, dim = hidden.shape
+        vocab = self.vrt_base
+        out = hidden.new_empty(rows, length, vocab + width)
+        flat = hidden.reshape(rows * length, dim)
+        table = out.view(rows * length, vocab + width)
+        weight = self.weight[:vocab]
+        bias = getattr(self.text_head, "bias", None)
+        if bias is None:
+            torch.mm(flat, weight.T, out=table[:, :vocab])
+        else:
+            torch.addmm(bias[:vocab], flat, weight.T, out=table[:, :vocab])
+        block = per * length
+        for s in range(len(offsets) - 1):
+            own = protos[offsets[s] : offsets[s + 1]]  # P_s x D
+            lo, hi = s * block, (s + 1) * block
+            torch.mm(flat[lo:hi], own.T, out=table[lo:hi, vocab : vocab + own.shape[0]])
+            table[lo:hi, vocab + own.shape[0] :] = float("-inf")
+        return out
