@@ -248,6 +248,13 @@ class TRPForConditionalGeneration(nn.Module):
             objects=objects,
         )
 
+    def logits(self, out: TRPOutput) -> Tensor:
+        """The dense logits ``[B, L, vrt_base + P_max]`` over text ⊕ each sample's own patches
+        of a forward (for inspection; the loss never builds them)."""
+        return self.vlm.get_output_embeddings().vrt(
+            out.hidden, prototypes=out.vrt_rows, binding=out.binding
+        )
+
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def generate(

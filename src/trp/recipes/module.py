@@ -28,6 +28,7 @@ from trp.heads import masks_to_boxes
 from trp.losses import BoxCriterion, MaskCriterion, box_cxcywh_to_xyxy, box_region_loss
 from trp.metrics import RECMetric, RESMetric
 from trp.models.trp_model import TRPForConditionalGeneration, TRPOutput
+from trp.recipes.schema import EvalConfig, LossConfig, OptimConfig, complete
 from trp.vrt import mask_coverage
 
 __all__ = ["ReferringModule", "WarmupCosine"]
@@ -117,9 +118,11 @@ class ReferringModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.model = model
-        self.optim = dict(optim)
-        self.loss_cfg = dict(loss)
-        self.eval_cfg = dict(eval)
+        # Keys left out take the schema's defaults (trp.recipes.schema, the YAML's values): one
+        # place for them; unknown keys and bad values raise ConfigError naming the key.
+        self.optim = complete(OptimConfig, optim, "optim")
+        self.loss_cfg = loss = complete(LossConfig, loss, "loss")
+        self.eval_cfg = complete(EvalConfig, eval, "eval")
         self.target = target
         self.time_budget_s = time_budget_s
         self.keep_images = keep_images
@@ -135,9 +138,7 @@ class ReferringModule(L.LightningModule):
         )
         # Auxiliary dense supervision of the vision encoder: a linear probe classifies every
         # patch (background or a class) from the vision map, when batches bring patch_classes.
-        probe_weight = float(loss.get("patch_class", 0.0)) + float(
-            loss.get("patch_class_foreground", 0.0)
-        )
+        probe_weight = float(loss["patch_class"]) + float(loss["patch_class_foreground"])
         self.patch_probe = (
             torch.nn.Linear(model.vlm.vision_dim, num_patch_classes)
             if num_patch_classes > 0 and probe_weight > 0
@@ -145,7 +146,7 @@ class ReferringModule(L.LightningModule):
         )
         self.referent_probe = (
             torch.nn.Linear(int(model.text_weight.shape[1]), 1)
-            if float(loss.get("patch_referent", 0.0)) > 0
+            if float(loss["patch_referent"]) > 0
             else None
         )
         self.rec = RECMetric()
@@ -175,8 +176,8 @@ class ReferringModule(L.LightningModule):
         ce = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
         )
-        loss = float(self.loss_cfg.get("patch_class", 0.0)) * ce.mean()
-        foreground = float(self.loss_cfg.get("patch_class_foreground", 0.0))
+        loss = float(self.loss_cfg["patch_class"]) * ce.mean()
+        foreground = float(self.loss_cfg["patch_class_foreground"])
         objects = labels.reshape(-1) > 0
         if foreground > 0 and bool(objects.any()):
             loss = loss + foreground * ce[objects].mean()
@@ -189,7 +190,14 @@ class ReferringModule(L.LightningModule):
         ids = batch["input_ids"]
         is_image = ids == self.model.image_token_id  # B x L
         grid = out.images.grids[0]
-        states = out.hidden[is_image].reshape(ids.shape[0], grid[0] * grid[1], -1)  # B x N x D
+        n = grid[0] * grid[1]
+        counts = is_image.sum(1)
+        if bool((counts != n).any()):
+            raise ValueError(
+                f"the patch_referent probe needs {n} image tokens in every prompt, "
+                f"got {counts.tolist()}"
+            )
+        states = out.hidden[is_image].reshape(ids.shape[0], n, -1)  # B x N x D
         logits = self.referent_probe(states)[..., 0]  # B x N
         coverage = torch.stack([mask_coverage(m, grid).flatten() for m in batch["masks"]]).to(
             logits.device
@@ -227,9 +235,9 @@ class ReferringModule(L.LightningModule):
             part = self.box_criterion(routed.predictions, {"boxes": batch["boxes"][sample]})
             losses.update({f"box/{k}": v for k, v in part.items()})
             if "region_logits" in routed.predictions:
-                weight = float(self.loss_cfg.get("box_region", 0.0))
+                weight = float(self.loss_cfg["box_region"])
                 masks = None
-                if self.loss_cfg.get("box_region_target", "box") == "mask":
+                if self.loss_cfg["box_region_target"] == "mask":
                     masks = batch["masks_small"][sample]
                 region = box_region_loss(
                     routed.predictions["region_logits"], batch["boxes"][sample], masks=masks
@@ -271,7 +279,7 @@ class ReferringModule(L.LightningModule):
     def predict_batch(self, batch: dict) -> list[dict[str, Any]]:
         """Generate, decode and return one prediction dict per sample (boxes in xyxy pixels,
         masks as bool ``[H, W]``; a sample whose answer has no target gets an empty box/mask)."""
-        prefill = bool(self.eval_cfg.get("prefill_phrase", False))
+        prefill = bool(self.eval_cfg["prefill_phrase"])
         gen = self.model.generate(
             batch["pixel_values"],
             batch["input_ids"],
@@ -348,7 +356,7 @@ class ReferringModule(L.LightningModule):
         # Token-by-token decoding is many tiny matmuls: extra intra-op threads only add
         # synchronisation (ruinous on a loaded machine), so evaluation has its own count.
         self._train_threads = torch.get_num_threads()
-        torch.set_num_threads(int(self.eval_cfg.get("threads", self._train_threads)))
+        torch.set_num_threads(int(self.eval_cfg["threads"]))
         self.predictions = []
         self.rec.reset()
         self.rec_from_mask.reset()
@@ -381,15 +389,15 @@ class ReferringModule(L.LightningModule):
                 {"params": no_decay, "weight_decay": 0.0},
             ],
             lr=lr,
-            betas=tuple(self.optim.get("betas", (0.9, 0.999))),
+            betas=tuple(self.optim["betas"]),
         )
         warmup = int(self.optim["warmup_steps"])
         total = max(int(self.trainer.max_steps), warmup + 1) if self.trainer.max_steps > 0 else 0
         schedule = WarmupCosine(
             warmup_steps=warmup,
             total_steps=total,
-            min_ratio=float(self.optim.get("min_lr_ratio", 0.1)),
-            time_budget_s=self.time_budget_s if self.optim.get("schedule_by_time") else None,
+            min_ratio=float(self.optim["min_lr_ratio"]),
+            time_budget_s=self.time_budget_s if self.optim["schedule_by_time"] else None,
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
