@@ -150,7 +150,22 @@ def main() -> None:
             indent=2,
         )
     )
-    print(f"\nwrote {out}")
+    lines = [
+        "### grammar (parse)",
+        "",
+        f"{n} answers, {mean_chars:.0f} chars / {mean_ids:.0f} ids on average, 1 thread, "
+        f"median of {repeats}",
+        "",
+        "| case | answers | median (s) | IQR (s) | µs / answer |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['case']} | {r['answers']} | {r['median_s']:.3f} | {r['iqr_s']:.3f} "
+            f"| {r['us_per_answer']:.1f} |"
+            for r in rows
+        ),
+    ]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"\nwrote {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

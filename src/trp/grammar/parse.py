@@ -48,7 +48,7 @@ def parse(
     state = initial_state(
         strict=bool(strict), units=resolve_units(units), legacy_unit=_check_legacy_unit(legacy_unit)
     )
-    return state.finish(text).result(None)
+    return state.finish_result(text)
 
 
 def token_positions(
@@ -88,9 +88,8 @@ def parse_ids(
         latin1=True,
     )
     try:
-        state = state.finish(text)
+        return state.finish_result(text, lambda offsets: token_positions(offsets, starts))
     except TRPParseError as err:
         raise TRPParseError(
             err.offset, err.expected, err.found, max(bisect_right(starts, err.offset) - 1, 0)
         ) from None
-    return state.result(token_positions(state.out.offsets, starts))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import NamedTuple
 
 from trp.grammar import legacy, task_block
@@ -218,20 +219,32 @@ class ScanState(NamedTuple):
 
     def result(self, positions: tuple[tuple[tuple[int, ...], ...], ...] | None) -> ParseResult:
         """The :class:`ParseResult` of a :meth:`finish`-ed state (``positions``: token input)."""
-        text, out, task = self.text, self.out, self.task
-        texts = tuple(text[a:b] for a, b in out.texts)
-        entries = task.entries
-        if self.config.latin1:
-            texts = tuple(latin1_to_str(t) for t in texts)
-            entries = tuple(TaskEntry(latin1_to_str(e.name), e.unit, e.num) for e in entries)
-        return ParseResult(
-            triplets=out.triplets,
-            texts=texts,
-            task=TaskBlock(decode=bool(task.decode), entries=entries) if task.seen else None,
-            diagnostics=out.diagnostics,
-            spans=out.spans,
-            offsets=out.offsets,
-            positions=positions,
+        out, task = self.out, self.task
+        return _result(self.config, self.text, out, task.entries, task.decode, task.seen, positions)
+
+    def finish_result(
+        self,
+        chunk: str,
+        positions_of: Callable[[tuple], tuple] | None = None,
+    ) -> ParseResult:
+        """``self.finish(chunk).result(positions_of(offsets))`` without building the final
+        state (the batch parsers' path: one pass, nothing frozen). ``positions_of`` maps the
+        target offsets to token positions (token input)."""
+        m = Machine(self)
+        if chunk:
+            m.text = self.text + chunk
+            m.run(False)
+        m.finish()
+        out = Output(
+            tuple(m.triplets),
+            tuple(m.spans),
+            tuple(m.offsets),
+            tuple(m.texts),
+            tuple(m.diagnostics),
+        )
+        positions = None if positions_of is None else positions_of(out.offsets)
+        return _result(
+            m.config, m.text, out, tuple(m.entries), m.task_decode, m.task_seen, positions
         )
 
     # ------------------------------------------------------------ what may follow
@@ -326,6 +339,31 @@ class ScanState(NamedTuple):
             state = state.feed(step)
 
 
+def _result(
+    config: ScanConfig,
+    text: str,
+    out: Output,
+    entries: tuple[TaskEntry, ...],
+    decode: bool | None,
+    seen: bool,
+    positions: tuple[tuple[tuple[int, ...], ...], ...] | None,
+) -> ParseResult:
+    texts = tuple(text[a:b] for a, b in out.texts)
+    if config.latin1:
+        texts = tuple(latin1_to_str(t) for t in texts)
+        entries = tuple(TaskEntry(latin1_to_str(e.name), e.unit, e.num) for e in entries)
+    return ParseResult(
+        triplets=out.triplets,
+        texts=texts,
+        task=TaskBlock(decode=bool(decode), entries=entries) if seen else None,
+        diagnostics=out.diagnostics,
+        spans=out.spans,
+        offsets=out.offsets,
+        positions=positions,
+    )
+
+
+@lru_cache(maxsize=256)
 def initial_state(
     *,
     strict: bool,
@@ -335,7 +373,8 @@ def initial_state(
     allow_ref: bool = True,
     allow_vrt: bool = True,
 ) -> ScanState:
-    """The state before any text (arguments as :class:`ScanConfig`)."""
+    """The state before any text (arguments as :class:`ScanConfig`). A value, so one per
+    configuration is made and shared."""
     return ScanState(ScanConfig(strict, units, legacy_unit, latin1, allow_ref, allow_vrt))
 
 
