@@ -1,5 +1,6 @@
 # Every target does its own set-up (venv, torch, the editable install that builds trp._C),
-# idempotently: a second run only rebuilds what changed.
+# idempotently: a second run only rebuilds what changed. --no-compile: pip would byte-compile
+# the ~10k modules of torch and its dependencies up front; Python compiles what it imports.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -24,11 +25,11 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 
 $(VENV)/.torch: | $(BIN)/python
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
 	touch $@
 
 $(INSTALLED): $(VENV)/.torch setup.py setup.cfg pyproject.toml
-	TRP_SKIP_EXTENSION=1 $(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	TRP_SKIP_EXTENSION=1 $(BIN)/pip install -q --no-compile --no-build-isolation -e '.[dev]'
 	touch $@
 
 # Incremental (ninja) rebuild of trp._C after a change under src/trp/csrc; serialised with
