@@ -197,3 +197,66 @@ def test_query_encoder_objects_on_high_image_indices() -> None:
     # Two objects of image 7 among four queries (the image index exceeds the query count).
     out = enc(x, torch.tensor([2, 2, 7, 7]), num_images=8, object_index=torch.tensor([0, 0, 1, 2]))
     assert out.image_index.tolist() == [2, 7, 7]
+
+
+def test_train_unified_end_to_end_writes_every_task_family(tmp_path) -> None:
+    import json
+
+    import trp.recipes.unified as unified
+    from trp.recipes import compose
+
+    small = [
+        "model.image_size=64",
+        "model.language.num_layers=1",
+        "model.language.hidden_size=64",
+        "model.language.intermediate_size=128",
+        "model.language.num_heads=2",
+        "model.language.num_kv_heads=2",
+        "model.vision.embed_dim=64",
+        "model.vision.depth=1",
+        "model.vision.num_heads=2",
+        "model.tokenizer.corpus_samples=64",
+    ]
+    cfg = compose(
+        [
+            "recipe=shapes_unified",
+            *small,
+            "trainer.max_steps=2",
+            "trainer.enable_progress_bar=false",
+            "data.train_size=32",
+            "data.eval_size=12",
+            "data.batch_size=6",
+            "eval.batch_size=12",
+            "eval.max_new_tokens=12",
+            "eval.num_overlays=3",
+            "data.targets.rec=vrt",
+            "data.targets.det=vrt",
+            f"output_dir={tmp_path}",
+        ]
+    )
+    summary = unified.train_unified(cfg)
+    assert summary["steps"] == 2
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for key in (
+        "rec/ACC@0.5",
+        "res/gIoU",
+        "res/cIoU",
+        "det/AP",
+        "det/AP50",
+        "det/mask_AP",
+        "kpt/AP",
+        "depth/AbsRel",
+        "depth/RMSE",
+        "depth/delta1",
+        "caption/BLEU-4",
+        "caption/METEOR",
+        "caption/ROUGE-L",
+        "caption/CIDEr",
+        "caption/exact_match",
+        "noobj/accuracy",
+    ):
+        assert key in saved["metrics"], key
+    assert sum(saved["metrics"][f"{t}/count"] for t in unified.UNIFIED_TASKS) == 12
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 3
+    assert (tmp_path / "checkpoint" / "prompt_encoder.safetensors").is_file()
+    assert len(json.loads((tmp_path / "predictions.json").read_text())) == 12

@@ -79,7 +79,7 @@ class UnifiedDataConfig(DataConfig):
     # task -> sampling weight (tasks left out weigh 0).
     mixture: dict[str, float] = field(default_factory=lambda: dict.fromkeys(UNIFIED_TASKS, 1.0))
     # task -> "ref" (latent slots) or "vrt" (runs of patches); depth is always "ref".
-    targets: dict[str, str] = field(default_factory=dict)
+    targets: dict[str, str] = field(default_factory=lambda: dict.fromkeys(UNIFIED_TASKS, "ref"))
     num_vrt: int = 4
     empty_image_prob: float = 0.05
     negative_prob: float = 0.25
