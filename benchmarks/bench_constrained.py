@@ -324,6 +324,8 @@ def main() -> None:
         "threads": 1,
         "date": time.strftime("%Y-%m-%d"),
         "num_vrt": NUM_VRT,
+        # Other jobs share the machine at times: the 1-minute load average says how much.
+        "load_average_1min": os.getloadavg()[0],
     }
     stem = "constrained.quick" if args.quick else "constrained"
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -331,7 +333,9 @@ def main() -> None:
     md = [
         "### constrained decoding (TRPLogitsProcessor)",
         "",
-        f"CPU: {result['meta']['cpu']}, 1 thread, {NUM_VRT} VRTs; medians over "
+        f"CPU: {result['meta']['cpu']} ({os.cpu_count()} CPUs, load average "
+        f"{result['meta']['load_average_1min']:.1f} from other jobs), 1 thread, {NUM_VRT} VRTs; "
+        "medians over "
         f"{'2' if args.quick else '9'} calls of the teacher-forced answers. 'step': one "
         "processor call for the whole batch; 'ms/token': step / batch; 'first': the first step "
         "of a call once the tokenizer is prepared; 'cold first': the same with empty per-state "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -143,6 +144,9 @@ def main() -> None:
                 "benchmark": "grammar",
                 "python": platform.python_version(),
                 "machine": platform.machine(),
+                # Other jobs share the machine at times: the 1-minute load average says how much.
+                "load_average_1min": os.getloadavg()[0],
+                "cpu_count": os.cpu_count(),
                 "mean_chars": mean_chars,
                 "mean_ids": mean_ids,
                 "results": rows,
@@ -154,7 +158,7 @@ def main() -> None:
         "### grammar (parse)",
         "",
         f"{n} answers, {mean_chars:.0f} chars / {mean_ids:.0f} ids on average, 1 thread, "
-        f"median of {repeats}",
+        f"median of {repeats}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
         "",
         "| case | answers | median (s) | IQR (s) | µs / answer |",
         "|---|---|---|---|---|",
