@@ -260,3 +260,43 @@ def test_train_unified_end_to_end_writes_every_task_family(tmp_path) -> None:
     assert len(list((tmp_path / "overlays").glob("*.png"))) == 3
     assert (tmp_path / "checkpoint" / "prompt_encoder.safetensors").is_file()
     assert len(json.loads((tmp_path / "predictions.json").read_text())) == 12
+
+
+def test_target_groups_match_the_routed_predictions(tiny) -> None:
+    ds, module, col = tiny["ds"], tiny["module"], tiny["col"]
+    batch = col([ds[i] for i in range(16)])
+    with torch.no_grad():
+        out = module.forward_batch(batch)
+    for unit, rp in out.predictions.items():
+        if not len(rp):
+            assert unit not in batch["targets"]
+            continue
+        # REF slots: one prediction per target, in the same (sample, triplet) groups.
+        assert sorted(rp.group.tolist()) == sorted(batch["targets"][unit]["group"].tolist()), unit
+
+
+def test_predictions_and_targets_for_the_evaluator() -> None:
+    from trp.grammar import parse
+    from trp.recipes.unified import _evaluation_prediction, _label, _plain_text, _target
+
+    ds = UnifiedShapesDataset(num_samples=40, seed=7, mixture={"grounded_caption": 1, "seg": 1})
+    s = next(ds[i] for i in range(40) if ds.task_of(i) == "grounded_caption")
+    assert _plain_text(parse(s["answer"])) == s["reference"]
+    assert [_label(t.concept) for t in parse(s["answer"]).triplets] == s["labels"].tolist()
+    assert _label("depth map") == -1
+    t = _target("grounded_caption", s)
+    assert t["text"] == s["reference"] and torch.equal(t["boxes"], s["boxes"])
+    pred = {"text": "x", "answer": "x", "parsed": True}
+    assert _evaluation_prediction("det", pred)["boxes"].shape == (0, 4)
+    assert _evaluation_prediction("rec", pred) is None  # no box predicted
+    assert _evaluation_prediction("det", {**pred, "parsed": False}) is None
+    box = {
+        **pred,
+        "boxes": torch.ones(2, 4),
+        "unit_scores": {"box": torch.ones(2)},
+        "unit_labels": {"box": torch.tensor([1, 3])},
+    }
+    det = _evaluation_prediction("det", box)
+    assert det["labels"].tolist() == [1, 3] and det["scores"].shape == (2,)
+    seg = next(ds[i] for i in range(40) if ds.task_of(i) == "seg")
+    assert set(_target("seg", seg)) == {"boxes", "labels", "negative", "masks"}
