@@ -13,6 +13,9 @@ from trp.recipes.module import ReferringModule, WarmupCosine
 from trp.recipes.overlays import draw_overlay, save_overlays
 from trp.recipes.run import compose, evaluate, format_metrics, parse_max_time, train
 
+# Imported with the package: it registers data=shapes_unified's schema before any compose.
+from trp.recipes.unified import UnifiedCollator, UnifiedModule, train_unified
+
 __all__ = [
     "PROMPTS",
     "ConfigError",
@@ -20,6 +23,8 @@ __all__ = [
     "ReferringCollator",
     "ReferringDataModule",
     "ReferringModule",
+    "UnifiedCollator",
+    "UnifiedModule",
     "WarmupCosine",
     "build_datasets",
     "clean_expression",
@@ -33,5 +38,6 @@ __all__ = [
     "save_checkpoint",
     "save_overlays",
     "train",
+    "train_unified",
     "validate_config",
 ]
