@@ -240,7 +240,7 @@ model = TRPForConditionalGeneration.from_pretrained(sys.argv[1])
 batch = _batch(with_answers=False, n=3, first=8)
 gen = model.generate(batch["images"], batch["input_ids"], batch["attention_mask"],
                      max_new_tokens=24, allow_ref=False, forced_prefix=batch["answer_prefix"])
-print(json.dumps({"texts": gen.texts,
+print(json.dumps({"texts": gen.texts, "attn": model.vlm.language.config._attn_implementation,
                   "boxes": gen.predictions["box"].predictions["boxes"].tolist()}))
 """
 
@@ -268,6 +268,7 @@ def test_save_pretrained_reloads_in_a_fresh_process_with_identical_predictions(t
         check=True,
     )
     again = json.loads(run.stdout.strip().splitlines()[-1])
+    assert again["attn"] == model.vlm.language.config._attn_implementation == "eager"
     assert tuple(again["texts"]) == gen.texts
     torch.testing.assert_close(
         torch.tensor(again["boxes"]),

@@ -13,6 +13,7 @@ import pytest
 from hydra.errors import MissingConfigException
 
 from trp.recipes import ConfigError, compose, evaluate, train
+from trp.recipes.checkpoint import CHECKPOINT_FILES
 
 from .test_data_coco import _write_coco
 from .test_data_refcoco import _rows, _write
@@ -63,7 +64,8 @@ def _cfg(tmp_path: Path, *extra: str, config_name: str = "train"):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("recipe", ["shapes_vrt", "shapes_trp"])
 def test_recipe_trains_evaluates_and_reloads_identically(tmp_path: Path, recipe: str) -> None:
-    summary = train(_cfg(tmp_path, f"recipe={recipe}", "run_name=run"))
+    # The forced phrase (Kosmos-2's protocol) makes every answer ground a target.
+    summary = train(_cfg(tmp_path, f"recipe={recipe}", "run_name=run", "eval.prefill_phrase=true"))
     out = tmp_path / "run"
     assert summary["steps"] == 3
     written = json.loads((out / "metrics.json").read_text())
@@ -72,17 +74,20 @@ def test_recipe_trains_evaluates_and_reloads_identically(tmp_path: Path, recipe:
     keys = ("rec/ACC@0.5", "rec/IoU", "res/gIoU", "res/cIoU", "answers/parsed")
     for key in (*keys, "rec_from_mask/ACC@0.5", "rec_from_mask/IoU"):
         assert 0.0 <= metrics[key] <= 1.0
-    # Grammar-constrained decoding: every answer parses in strict mode.
+    # Grammar-constrained decoding: every answer parses strictly and names its target.
     assert metrics["answers/parsed"] == 1.0
     assert len(list((out / "overlays").glob("*.png"))) == 2
     assert list((out / "logs").rglob("metrics.csv"))
-    for name in ("model.safetensors", "config.yaml", "tokenizer"):
+    for name in CHECKPOINT_FILES:
         assert (out / "checkpoint" / name).exists()
     first = json.loads((out / "predictions.json").read_text())
     assert len(first) == 6
 
     # The reloaded checkpoint predicts exactly what the trained model predicted.
-    again = evaluate(out / "checkpoint", _cfg(tmp_path, "run_name=eval", config_name="evaluate"))
+    again = evaluate(
+        out / "checkpoint",
+        _cfg(tmp_path, "run_name=eval", "eval.prefill_phrase=true", config_name="evaluate"),
+    )
     second = json.loads((tmp_path / "eval" / "predictions.json").read_text())
     assert second == first
     assert again["metrics"] == pytest.approx(metrics)
@@ -160,7 +165,7 @@ def test_refcoco_recipe_trains_on_a_parquet_directory(tmp_path: Path) -> None:
     )
     assert summary["steps"] == 2
     assert summary["samples"] == 2
-    assert (tmp_path / "ref" / "checkpoint" / "model.safetensors").is_file()
+    assert (tmp_path / "ref" / "checkpoint" / "heads.safetensors").is_file()
 
 
 def test_unknown_recipe_lists_the_known_ones() -> None:

@@ -61,6 +61,9 @@ class ReferenceVLMConfig(PretrainedConfig):
         image_size, patch_size: square input size and ViT patch size in pixels.
         fine_channels: width of the stride-4 :class:`ConvStem` (0: none).
         image_token_id: id of the ``<image>`` placeholder.
+        text_attn_implementation: the LM's attention kernel (``eager`` / ``sdpa``), kept in the
+            saved config so a reloaded model runs the same kernel (and numbers) as the trained
+            one.
     """
 
     model_type = "trp_reference_vlm"
@@ -73,6 +76,7 @@ class ReferenceVLMConfig(PretrainedConfig):
         patch_size: int = 16,
         fine_channels: int = 0,
         image_token_id: int | None = None,
+        text_attn_implementation: str | None = None,
         **kwargs: Any,
     ) -> None:
         vision = dict(
@@ -87,6 +91,10 @@ class ReferenceVLMConfig(PretrainedConfig):
         elif isinstance(text_config, Mapping):
             text_config = Qwen2Config(**text_config)
         self.text_config = text_config
+        attn = text_attn_implementation or text_config._attn_implementation or "sdpa"
+        if attn not in ("eager", "sdpa"):
+            raise ValueError(f"text_attn_implementation must be eager or sdpa, got {attn!r}")
+        self.text_attn_implementation = attn
         self.image_size = int(image_size)
         self.patch_size = int(patch_size)
         self.fine_channels = int(fine_channels)
@@ -199,6 +207,7 @@ class ReferenceVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 vision, image_size=config.image_size, patch_size=config.patch_size
             )
         self.vision_dim = int(vision["embed_dim"])
+        config.text_config._attn_implementation = config.text_attn_implementation
         self.language = Qwen2ForCausalLM(config.text_config)
         self.adapter = FeatureAdapter(
             in_channels=[self.vision_dim], d_model=int(config.text_config.hidden_size)
