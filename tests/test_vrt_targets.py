@@ -96,3 +96,15 @@ def test_robust_exclusions():
     assert ids.tolist() == [5, 6, 3, 6]
     with pytest.raises(ValueError, match="not a VRT"):
         robust_exclusions(labels, [([3], torch.tensor([1]))], vrt_base=base)
+
+
+def test_default_run_is_valid_input_to_format_rec():
+    from trp.grammar import format_rec
+
+    few = torch.tensor([3, 4])
+    for seed in range(5):
+        run = sample_target_patches(
+            few, (4, 4), num=4, generator=torch.Generator().manual_seed(seed)
+        )
+        assert len(set(run.tolist())) == run.numel()
+        assert "<|VRT_3|>" in format_rec("the cat", patches=run.tolist()).text

@@ -17,8 +17,10 @@ from trp.losses.keypoint_loss import (
 from trp.losses.mask_loss import MaskCriterion, mask_match_cost
 from trp.losses.matcher import HungarianMatcher, assign, flatten_targets
 from trp.losses.routed import RoutedCriterion
+from trp.losses.targets import unit_targets
 
 __all__ = [
+    "unit_targets",
     "COCO_KEYPOINT_SIGMAS",
     "BoxCriterion",
     "DepthCriterion",

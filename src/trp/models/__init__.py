@@ -16,6 +16,7 @@ from trp.models.build import (
     build_tokenizer,
 )
 from trp.models.fine_stem import ConvStem, StemDownsample
+from trp.models.hf_host import HFVLMHost
 from trp.models.image_encoding import ImageEncoding
 from trp.models.predict import load_image, predict, save_overlay
 from trp.models.reference_vlm import (
@@ -34,6 +35,7 @@ from trp.models.trp_model import (
 __all__ = [
     "CHAT_TOKENS",
     "HEAD_IMPLS",
+    "HFVLMHost",
     "ConvStem",
     "ImageEncoding",
     "ReferenceVLMConfig",

@@ -106,10 +106,14 @@ def sample_target_patches(
     grid: Sequence[int],
     *,
     num: int = 5,
-    mode: SamplingMode = "padt",
+    mode: SamplingMode = "random",
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Choose the VRT run for one object from its target patches.
+
+    The default (``"random"``) run never repeats a patch, so it is valid input to
+    :func:`trp.grammar.format_rec`; ``"replacement"`` and ``"padt"`` may repeat (deduplicate
+    with ``.unique()`` before formatting).
 
     Modes: ``"random"`` ``min(num, K)`` distinct patches; ``"replacement"`` ``num`` patches drawn
     with replacement; ``"padt"`` distinct when ``K >= num`` else with replacement (PaDT's
