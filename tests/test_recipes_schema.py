@@ -291,3 +291,25 @@ def test_messages_name_full_keys_with_the_node_path() -> None:
     with pytest.raises(ConfigError) as err:
         compose(["model.image_size=100"])
     assert re.search(r"model\.image_size=100 must be divisible by model\.patch_size=16", str(err))
+
+
+def test_complete_fills_python_callers_mappings_from_the_schema() -> None:
+    """``ReferringModule`` / builders take partial mappings: the rest comes from the schema
+    (the YAML's values), never from defaults of their own; unknown keys and bad values fail."""
+    loss = S.complete(S.LossConfig, {"token": 2.0}, "loss")
+    assert loss["token"] == 2.0
+    assert loss["box_region_target"] == "mask" and loss["patch_class"] == 4.0
+    optim = S.complete(S.OptimConfig, {"lr": 1e-2}, "optim")
+    assert optim["betas"] == [0.9, 0.98] and optim["min_lr_ratio"] == 0.05
+    heads = {"box": {"impl": "light", "d_model": 32}}
+    model = S.complete(S.TinyVLMConfig, {"heads": heads, "vision": {"depth": 1}}, "model")
+    assert model["heads"] == heads  # a caller's heads replace the default heads
+    assert model["vision"]["depth"] == 1 and model["vision"]["embed_dim"] == 192
+    with pytest.raises(ConfigError, match=r"loss\.tokn: unknown key"):
+        S.complete(S.LossConfig, {"tokn": 1.0}, "loss")
+    with pytest.raises(ConfigError, match=r"loss\.mask_points must be a positive int"):
+        S.complete(S.LossConfig, {"mask_points": 0}, "loss")
+    with pytest.raises(ConfigError, match=r"loss\.mask_points: Value 'many'"):
+        S.complete(S.LossConfig, {"mask_points": "many"}, "loss")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        S.complete(S.LossConfig, [1, 2], "loss")

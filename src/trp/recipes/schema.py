@@ -7,6 +7,8 @@ values. Hydra rejects a wrong type or an override of an unknown key while it com
 :func:`validate` (called by :func:`trp.recipes.compose` and before any run) rejects the rest:
 keys added with ``+`` (Hydra adds them even to structured nodes), bad values, head settings the
 head class does not take. Every error is a :class:`ConfigError` naming the full key.
+:func:`complete` gives Python callers that pass partial mappings (``ReferringModule``,
+``build_model``) the same defaults and checks, so no code path keeps defaults of its own.
 
 Adding a key: add the field (type, default = the YAML's value, a one-line comment) to its
 dataclass, its check to that class's ``__post_init__``, and the key with the same value and
@@ -14,8 +16,9 @@ comment to the YAML file(s) of that group (``tests/test_recipes_schema.py`` fail
 file and its schema disagree). A new option of a group with keys of its own (``model/foo.yaml``)
 subclasses the group's base dataclass (:class:`ModelConfig`, :class:`DataConfig`,
 :class:`TrainerConfig`) and registers it with :func:`register` before composing; a ``recipe``
-option (``@package _global_``) may set any existing key, and keys of its own go into
-:class:`RecipeConfig` (or a subclass registered as ``recipe_schema`` options).
+option (``@package _global_``) may set any existing key; keys of its own go into a subclass
+of :class:`RecipeConfig` registered with ``register("recipe_schema", name, cls)`` and named in
+the recipe's defaults list (``- /recipe_schema@recipe: name``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from trp.data.refcoco import REFCOCO_SPLITS
 from trp.recipes.conversation import TARGET_KINDS
@@ -63,6 +66,7 @@ __all__ = [
     "TrainConfig",
     "TrainerConfig",
     "VisionConfig",
+    "complete",
     "register",
     "validate",
 ]
@@ -788,6 +792,35 @@ def _instantiate(node: DictConfig, path: str) -> None:
     except MissingMandatoryValue as err:
         key = getattr(err, "full_key", "") or "?"
         raise ConfigError(f"{key} is required (set {key}=...)") from None
+
+
+def complete(cls: type, values: Any, path: str) -> dict[str, Any]:
+    """``values`` (a mapping of some of ``cls``'s keys, e.g. what a Python caller passes to
+    ``ReferringModule`` or ``build_model``) completed with the schema's defaults and validated;
+    a plain dict. Mapping-typed fields (``heads``) are replaced, not merged: a caller's heads
+    are the heads. Raises :class:`ConfigError` naming ``path.key``."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a schema dataclass")
+    given = OmegaConf.to_container(values, resolve=True) if OmegaConf.is_config(values) else values
+    if not isinstance(given, dict):
+        raise ConfigError(f"{path} must be a mapping, got {type(values).__name__}")
+    node = OmegaConf.structured(cls)
+    known = _fields(cls)
+    for key in given:
+        if key not in known:
+            raise ConfigError(f"{path}.{key}: unknown key; {path} takes {sorted(known)}")
+    try:
+        mapping_fields = {k for k in known if isinstance(node._get_node(k), DictConfig)}
+        typed = {k for k in mapping_fields if OmegaConf.get_type(node._get_node(k)) is dict}
+        for key in typed & set(given):
+            node[key] = given[key]
+        node.merge_with({k: v for k, v in given.items() if k not in typed})
+    except OmegaConfBaseException as err:  # a type error; its key is relative to the node
+        key = f"{path}.{err.full_key}" if getattr(err, "full_key", None) else path
+        raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+    _check_keys(node, path)
+    _instantiate(node, path)
+    return OmegaConf.to_container(node, resolve=True)
 
 
 def validate(cfg: DictConfig) -> None:
