@@ -300,3 +300,15 @@ def test_predictions_and_targets_for_the_evaluator() -> None:
     assert det["labels"].tolist() == [1, 3] and det["scores"].shape == (2,)
     seg = next(ds[i] for i in range(40) if ds.task_of(i) == "seg")
     assert set(_target("seg", seg)) == {"boxes", "labels", "negative", "masks"}
+
+
+def test_train_unified_rejects_what_it_cannot_train(tmp_path) -> None:
+    from trp.recipes import compose, train_unified
+
+    (tmp_path / "config.json").write_text("{}")
+    cfg = compose(["recipe=shapes_unified", "model=hf_vlm", f"model.pretrained_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="hf_vlm"):
+        train_unified(cfg)
+    cfg = compose(["recipe=shapes_unified", "data=shapes"])
+    with pytest.raises(ValueError, match="data=shapes_unified"):
+        train_unified(cfg)

@@ -701,6 +701,13 @@ def train_unified(cfg: Any) -> dict[str, Any]:
     from trp.recipes.checkpoint import save_checkpoint
     from trp.recipes.run import _setup, _trainer, parse_max_time
 
+    if "pretrained_dir" in cfg.model:
+        # The HF hosts' prompts come from their processor's chat template and image tokens
+        # (trp.models.encode_hf_conversations); UnifiedCollator writes the reference VLM's.
+        raise ValueError(
+            "recipe=shapes_unified trains the reference VLM (model=tiny_vlm or "
+            "tiny_vlm_deformable); model=hf_vlm is not supported by this recipe yet"
+        )
     _setup(cfg)
     output_dir = Path(cfg.output_dir)
     train_set, held_out = _datasets(cfg)
