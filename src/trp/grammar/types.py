@@ -110,7 +110,7 @@ class TaskBlock:
 class Diagnostic:
     """What lenient parsing repaired or skipped.
 
-    ``kind`` is ``"legacy"`` for an accepted legacy form (DESIGN.md §3) and ``"error"`` for text
+    ``kind`` is ``"legacy"`` for an accepted legacy form (docs/grammar.md) and ``"error"`` for text
     that strict parsing rejects; ``offset`` is a character offset into the parsed text.
     """
 
