@@ -32,6 +32,10 @@ MODEL_CFG = {
     "prototype_zero_init": False,
     "fine_channels": 8,
     "vrt_query_shift": 1,
+    # Keys left out take the recipe schema's defaults (contextual VRT rows, detached queries):
+    # these tests are of PaDT's prototype rows with queries that train the LM.
+    "contextual_vrt": False,
+    "detach_queries": False,
     "vision": {
         "name": "vit_tiny_patch16_224",
         "embed_dim": 48,
