@@ -311,5 +311,7 @@ def test_complete_fills_python_callers_mappings_from_the_schema() -> None:
         S.complete(S.LossConfig, {"mask_points": 0}, "loss")
     with pytest.raises(ConfigError, match=r"loss\.mask_points: Value 'many'"):
         S.complete(S.LossConfig, {"mask_points": "many"}, "loss")
+    with pytest.raises(ConfigError, match=r"model\.vision\.dept: unknown key; model\.vision"):
+        S.complete(S.TinyVLMConfig, {"vision": {"dept": 1}}, "model")
     with pytest.raises(ConfigError, match="must be a mapping"):
         S.complete(S.LossConfig, [1, 2], "loss")

@@ -32,7 +32,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from trp.data.refcoco import REFCOCO_SPLITS
 from trp.recipes.conversation import TARGET_KINDS
@@ -815,8 +815,16 @@ def complete(cls: type, values: Any, path: str) -> dict[str, Any]:
         for key in typed & set(given):
             node[key] = given[key]
         node.merge_with({k: v for k, v in given.items() if k not in typed})
-    except OmegaConfBaseException as err:  # a type error; its key is relative to the node
-        key = f"{path}.{err.full_key}" if getattr(err, "full_key", None) else path
+    except OmegaConfBaseException as err:  # its key is relative to the node
+        inner = str(getattr(err, "full_key", "") or "")
+        key = f"{path}.{inner}" if inner else path
+        parent = OmegaConf.select(node, inner.rpartition(".")[0]) if "." in inner else node
+        cls_at = OmegaConf.get_type(parent) if isinstance(parent, DictConfig) else None
+        if isinstance(err, ConfigKeyError) and cls_at and dataclasses.is_dataclass(cls_at):
+            where = key.rpartition(".")[0]
+            raise ConfigError(
+                f"{key}: unknown key; {where} takes {sorted(_fields(cls_at))}"
+            ) from None
         raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
     _check_keys(node, path)
     _instantiate(node, path)
