@@ -246,3 +246,73 @@ def test_cpu_bf16_speedup_is_a_positive_ratio() -> None:
     assert math.isfinite(ratio) and ratio > 0
     with pytest.raises(ValueError, match="positive"):
         cpu_bf16_speedup(repeats=0)
+
+
+HF_TINY = [
+    "model=hf_vlm",
+    "model.image_size=56",
+    "model.prototype_rank=8",
+    "model.heads.box.d_model=32",
+    "model.heads.box.n_heads=2",
+    "model.heads.box.dim_feedforward=64",
+    "model.heads.box.num_layers=1",
+    "model.heads.mask.d_model=32",
+    "model.heads.mask.n_heads=2",
+    "model.heads.mask.dim_feedforward=64",
+    "model.heads.mask.num_layers=1",
+    "model.heads.mask.mask_dim=8",
+    "data.batch_size=2",
+    "data.eval_size=4",
+    "eval.batch_size=2",
+    "eval.max_new_tokens=24",
+    "eval.num_overlays=1",
+    "eval.prefill_phrase=true",
+    "optim.warmup_steps=1",
+    "trainer.max_steps=3",
+    "trainer.enable_progress_bar=false",
+    "trainer.precision=32-true",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "llava"])
+def test_hf_vlm_recipe_trains_evaluates_and_reloads(tmp_path: Path, family: str) -> None:
+    from trp.models.tiny_hf import save_tiny_vlm
+
+    directory = save_tiny_vlm(family, tmp_path / family)
+    cfg = compose(
+        [*HF_TINY, f"model.pretrained_dir={directory}", f"output_root={tmp_path}", "run_name=run"]
+    )
+    summary = train(cfg)
+    assert summary["steps"] == 3
+    metrics = summary["metrics"]
+    assert metrics["answers/parsed"] == 1.0  # the forced phrase grounds every answer
+    first = json.loads((tmp_path / "run" / "predictions.json").read_text())
+    again = evaluate(
+        tmp_path / "run" / "checkpoint",
+        _cfg(tmp_path, "run_name=eval", "eval.prefill_phrase=true", "eval.batch_size=2",
+             "data.eval_size=4", "eval.max_new_tokens=24", "trainer.precision=32-true",
+             config_name="evaluate"),
+    )  # fmt: skip
+    assert json.loads((tmp_path / "eval" / "predictions.json").read_text()) == first
+    assert again["metrics"] == pytest.approx(metrics)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_hf_vlm_ddp_two_cpu_processes(tmp_path: Path) -> None:
+    from trp.models.tiny_hf import save_tiny_vlm
+
+    directory = save_tiny_vlm("qwen2_5_vl", tmp_path / "qwen")
+    cmd = [
+        sys.executable, str(ROOT / "examples" / "train.py"), "trainer=ddp_cpu", "threads=1",
+        *HF_TINY, f"model.pretrained_dir={directory}", "model.lora.enabled=true",
+        f"output_root={tmp_path}", "run_name=ddp",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=580, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert summary["steps"] == 3 and summary["samples"] == 4
+    assert (tmp_path / "ddp" / "checkpoint" / "vlm" / "trp_adapter.safetensors").is_file()

@@ -234,6 +234,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Returns the summary written to ``metrics.json`` (``metrics``, ``steps``, ``train_seconds``,
     ``checkpoint``, ``overlays``).
     """
+    if cfg.recipe.name == "shapes_unified":
+        from trp.recipes.unified import train_unified
+
+        return train_unified(cfg)
     _setup(cfg)
     output_dir = Path(cfg.output_dir)
     image_size = int(cfg.model.image_size)
