@@ -73,4 +73,22 @@ def test_bad_targets():
         )
     nan_boxes = torch.full((1, 2, 4), float("nan"))
     with pytest.raises(ValueError, match="NaN"):
-        matcher(None, nan_boxes, [{"boxes": torch.rand(1, 4)}])
+        HungarianMatcher(strict=True)(None, nan_boxes, [{"boxes": torch.rand(1, 4)}])
+    with pytest.warns(RuntimeWarning, match="matched last"):
+        ((rows, cols),) = matcher(None, nan_boxes, [{"boxes": torch.rand(1, 4)}])
+    assert rows.numel() == cols.numel() == 1
+
+
+def test_nan_costs_are_matched_last_with_a_warning_or_raise_when_strict():
+    from trp.losses import assign
+
+    cost = torch.tensor([[0.1, float("nan"), 0.9], [float("inf"), 0.2, 0.5]])
+    with pytest.warns(RuntimeWarning, match="2 NaN/inf"):
+        ((rows, cols),) = assign([cost])
+    assert rows.tolist() == [0, 1] and cols.tolist() == [0, 1]
+    only_bad = torch.full((2, 2), float("nan"))
+    with pytest.warns(RuntimeWarning):
+        ((rows, cols),) = assign([only_bad])
+    assert sorted(cols.tolist()) == [0, 1]
+    with pytest.raises(ValueError, match="NaN or inf"):
+        assign([cost], strict=True)

@@ -6,6 +6,7 @@ the assignment from scipy's ``linear_sum_assignment``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -49,6 +50,7 @@ class HungarianMatcher(nn.Module):
     Args:
         weight_class, weight_bbox, weight_giou: cost weights (DETR: 1, 5, 2).
         class_mode: ``"softmax"`` (DETR) or ``"focal"`` (Deformable-DETR, DINO).
+        strict: raise on NaN / infinite costs instead of matching them last with a warning.
     """
 
     def __init__(
@@ -60,8 +62,10 @@ class HungarianMatcher(nn.Module):
         class_mode: ClassMode = "softmax",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        strict: bool = False,
     ) -> None:
         super().__init__()
+        self.strict = bool(strict)
         self.cost = MatchCost(
             weight_class=weight_class,
             weight_bbox=weight_bbox,
@@ -94,21 +98,41 @@ class HungarianMatcher(nn.Module):
         labels, boxes, offsets = flatten_targets(targets, pred_boxes.device)
         boxes = boxes.to(pred_boxes.dtype)
         packed = self.cost(pred_logits, pred_boxes, labels, boxes, offsets)
-        return assign(packed.blocks())
+        return assign(packed.blocks(), strict=self.strict)
 
 
-def assign(blocks: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
-    """``linear_sum_assignment`` on each [Q, G_b] cost block."""
+def assign(blocks: Sequence[Tensor], *, strict: bool = False) -> list[tuple[Tensor, Tensor]]:
+    """``linear_sum_assignment`` on each [Q, G_b] cost block.
+
+    A block with NaN or infinite entries (e.g. a diverged box in one image) does not end the
+    run: those entries cost more than every finite one, so they are matched last (as
+    transformers' DETR matcher does), and a warning counts them. ``strict=True`` raises instead.
+    """
     out = []
+    invalid = 0
     for cost in blocks:
         if cost.numel() == 0:
             empty = torch.zeros(0, dtype=torch.int64)
             out.append((empty, empty.clone()))
             continue
-        if not torch.isfinite(cost).all():
-            raise ValueError("matching cost contains NaN or inf (check the predicted boxes)")
-        rows, cols = linear_sum_assignment(cost.detach().cpu().double().numpy())
+        values = cost.detach().cpu().double()
+        bad = ~torch.isfinite(values)
+        if bool(bad.any()):
+            if strict:
+                raise ValueError("matching cost contains NaN or inf (check the predicted boxes)")
+            invalid += int(bad.sum())
+            finite = values[~bad]
+            top = float(finite.abs().max()) if finite.numel() else 0.0
+            # Larger than any sum of finite costs of one assignment.
+            values = values.masked_fill(bad, (top + 1.0) * (min(values.shape) + 1))
+        rows, cols = linear_sum_assignment(values.numpy())
         out.append(
             (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+        )
+    if invalid:
+        warnings.warn(
+            f"{invalid} NaN/inf matching costs were matched last (pass strict=True to raise)",
+            RuntimeWarning,
+            stacklevel=2,
         )
     return out
