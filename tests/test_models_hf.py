@@ -11,23 +11,14 @@ import sys
 import pytest
 import torch
 
+from tests.test_models_trp import MODEL_CFG
 from trp.grammar import encode_text
 from trp.models import TRPForConditionalGeneration
 from trp.models.build import build_hf_model
 from trp.models.hf_conversation import encode_hf_conversations
 from trp.models.tiny_hf import TINY_FAMILIES, save_tiny_vlm
 
-HEADS = {
-    "box": {"impl": "light", "d_model": 32, "n_heads": 2, "dim_feedforward": 64, "num_layers": 1},
-    "mask": {
-        "impl": "light",
-        "d_model": 32,
-        "n_heads": 2,
-        "dim_feedforward": 64,
-        "num_layers": 1,
-        "mask_dim": 8,
-    },
-}
+HEADS = MODEL_CFG["heads"]
 PROMPTS = ["Locate the red circle.", "Locate the star."]
 ANSWERS = [
     "<Phrase>the red circle</Phrase>(<Unit>box</Unit><|VRT_0|><|VRT_1|>).",
@@ -80,8 +71,13 @@ def _predict(model) -> dict:
 def test_training_steps_generation_and_reload(checkpoint, lora, tmp_path) -> None:
     family, directory = checkpoint
     torch.manual_seed(0)
-    lora_cfg = {"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.0,
-                "target_modules": ["q_proj", "v_proj"]}
+    lora_cfg = {
+        "enabled": lora,
+        "r": 4,
+        "alpha": 8,
+        "dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"],
+    }
     model = build_hf_model(_cfg(directory, lora=lora_cfg))
     batch = encode_hf_conversations(model.processor, _images(), PROMPTS, ANSWERS)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -90,7 +86,10 @@ def test_training_steps_generation_and_reload(checkpoint, lora, tmp_path) -> Non
     losses = []
     for _ in range(3):
         out = model(
-            batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["parses"],
+            batch["pixel_values"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["parses"],
             **batch["image_inputs"],
         )
         loss = model.token_loss(out, batch["labels"])
@@ -139,8 +138,13 @@ def test_generation_states_equal_teacher_forced_states(checkpoint) -> None:
     model = build_hf_model(_cfg(directory)).eval()
     batch = encode_hf_conversations(model.processor, _images(), PROMPTS)
     gen = model.generate(
-        batch["pixel_values"], batch["input_ids"], batch["attention_mask"], max_new_tokens=20,
-        allow_ref=False, forced_prefix=_prefixes(model), image_inputs=batch["image_inputs"],
+        batch["pixel_values"],
+        batch["input_ids"],
+        batch["attention_mask"],
+        max_new_tokens=20,
+        allow_ref=False,
+        forced_prefix=_prefixes(model),
+        image_inputs=batch["image_inputs"],
     )
     seq = gen.sequences
     extra = dict(batch["image_inputs"])

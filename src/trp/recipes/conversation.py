@@ -211,21 +211,23 @@ class ReferringCollator:
             out.update(self._prompts(images, expressions, units))
         return out
 
+    def target_run(self, mask: torch.Tensor, expr: str) -> tuple[torch.Tensor, list[int] | None]:
+        """The object's target patches (all of them, for the robust loss) and, with VRT
+        targets, the run its answer names (PaDT's sampling, deduplicated)."""
+        allowed = target_patches(mask_coverage(mask, self.grid))
+        if self.target != "vrt":
+            return allowed, None
+        if allowed.numel() == 0:
+            raise ValueError(f"the object of {expr!r} has an empty mask")
+        run = sample_target_patches(allowed, self.grid, num=self.num_vrt, mode="padt")
+        return allowed, run.unique().tolist()
+
     def _answers(
         self, images: torch.Tensor, masks: torch.Tensor, expressions: list[str], units: list[str]
     ) -> dict[str, Any]:
         encoded, objects = [], []
         for mask, expr, unit in zip(masks, expressions, units):
-            allowed = target_patches(mask_coverage(mask, self.grid))
-            patches = None
-            if self.target == "vrt":
-                if allowed.numel() == 0:
-                    raise ValueError(f"the object of {expr!r} has an empty mask")
-                patches = (
-                    sample_target_patches(allowed, self.grid, num=self.num_vrt, mode="padt")
-                    .unique()
-                    .tolist()
-                )
+            allowed, patches = self.target_run(mask, expr)
             messages = [
                 {"role": "user", "content": self.user_text(expr, unit)},
                 {"role": "assistant", "content": self.answer_text(expr, unit, patches)},
@@ -294,16 +296,7 @@ class HFReferringCollator(ReferringCollator):
     ) -> dict[str, Any]:
         prompts, answers, allowed_all = [], [], []
         for mask, expr, unit in zip(masks, expressions, units):
-            allowed = target_patches(mask_coverage(mask, self.grid))
-            patches = None
-            if self.target == "vrt":
-                if allowed.numel() == 0:
-                    raise ValueError(f"the object of {expr!r} has an empty mask")
-                patches = (
-                    sample_target_patches(allowed, self.grid, num=self.num_vrt, mode="padt")
-                    .unique()
-                    .tolist()
-                )
+            allowed, patches = self.target_run(mask, expr)
             prompts.append(PROMPTS[unit].format(expr))
             answers.append(self.answer_text(expr, unit, patches))
             allowed_all.append(allowed)
