@@ -35,8 +35,8 @@ def parse(
     Args:
         text: the answer; VRTs are written ``<|VRT_k|>``.
         strict: raise :class:`TRPParseError` on anything but the canonical grammar
-            (docs/grammar.md); otherwise accept legacy forms and repair what can be repaired, reporting each in
-            ``diagnostics``. Lenient parsing never raises on malformed text.
+            (docs/grammar.md); otherwise accept legacy forms and repair what can be repaired,
+            reporting each in ``diagnostics``. Lenient parsing never raises on malformed text.
         units: unit names ``<Unit>`` accepts (default: the registry).
         legacy_unit: unit given to PaDT-style VRT groups outside triplets (lenient).
 

@@ -204,7 +204,11 @@ class TRPForConditionalGeneration(nn.Module):
         with self.vrt.bind(binding=binding, features=images.flat_tokens, input_ids=input_ids):
             hidden = self.vlm.language_states(input_ids, attention_mask, images)  # B x L x D
             rows = self.vrt.rows
-        assert rows is not None
+        if rows is None:
+            raise RuntimeError(
+                f"{type(self.vlm).__name__}.language_states did not run the decoder that "
+                "get_decoder() returns: the contextual VRT rows were never computed"
+            )
         predictions = self.decode(parses, hidden, input_ids, images, binding)
         return TRPOutput(hidden, rows, binding, images, predictions)
 
