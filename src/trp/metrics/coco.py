@@ -32,6 +32,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from trp.ops.oks import COCO_KEYPOINT_SIGMAS
+
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm", "keypoints")
 BBOX_NAMES: tuple[str, ...] = (
     "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"
@@ -39,10 +41,8 @@ BBOX_NAMES: tuple[str, ...] = (
 KEYPOINT_NAMES: tuple[str, ...] = (
     "AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"
 )
-COCO_PERSON_SIGMAS: tuple[float, ...] = (
-    0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.107, 0.107,
-    0.087, 0.087, 0.089, 0.089,
-)
+# The one copy of COCO's per-keypoint OKS sigmas lives with the OKS op.
+COCO_PERSON_SIGMAS: tuple[float, ...] = COCO_KEYPOINT_SIGMAS
 
 
 _PER_INSTANCE_KEYS = frozenset({"boxes", "labels", "scores", "masks", "keypoints", "iscrowd",

@@ -308,6 +308,9 @@ class TRPForConditionalGeneration(nn.Module):
                     max_new_tokens=max_new_tokens,
                     allow_ref=allow_ref,
                     allow_vrt=allow_vrt,
+                    # Masking in place skips a [rows, V] copy per step (6-10 ms at 150k x 16);
+                    # only output_logits keeps the scores tensor and needs it untouched.
+                    inplace=not generate_kwargs.get("output_logits", False),
                 )
             )
         if forced_prefix is not None:
