@@ -117,7 +117,12 @@ def _trainer(cfg: DictConfig, output_dir: Path, *, logger: bool = True) -> L.Tra
     if t.strategy == "ddp" and t.process_group_backend:
         from lightning.pytorch.strategies import DDPStrategy
 
-        strategy = DDPStrategy(process_group_backend=t.process_group_backend)
+        # A HF host's ranks can leave different parameters without a gradient in a step (a
+        # batch's answers decide which VRT rows, token rows and head paths are used): DDP must
+        # look for them, or the ranks wait on different all-reduce buckets forever.
+        strategy = DDPStrategy(
+            process_group_backend=t.process_group_backend, find_unused_parameters=_is_hf(cfg)
+        )
     loggers: list[Any] = []
     if logger and cfg.logger.csv:
         from lightning.pytorch.loggers import CSVLogger
