@@ -51,8 +51,9 @@ def test_predict_reference_model_in_original_pixels(tmp_path) -> None:
         load_image(tmp_path / "missing.png")
 
 
-def test_predict_script_on_a_saved_hf_checkpoint(tmp_path) -> None:
-    directory = save_tiny_vlm("qwen2_5_vl", tmp_path / "qwen")
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "llava"])
+def test_predict_script_on_a_saved_hf_checkpoint(tmp_path, family: str) -> None:
+    directory = save_tiny_vlm(family, tmp_path / family)
     torch.manual_seed(0)
     model = build_hf_model({"pretrained_dir": str(directory), "heads": HEADS, "prototype_rank": 8})
     cfg = OmegaConf.create({"model": {"pretrained_dir": str(directory)}, "recipe": {"name": "t"}})

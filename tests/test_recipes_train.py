@@ -301,10 +301,11 @@ def test_hf_vlm_recipe_trains_evaluates_and_reloads(tmp_path: Path, family: str)
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_hf_vlm_ddp_two_cpu_processes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "llava"])
+def test_hf_vlm_ddp_two_cpu_processes(tmp_path: Path, family: str) -> None:
     from trp.models.tiny_hf import save_tiny_vlm
 
-    directory = save_tiny_vlm("qwen2_5_vl", tmp_path / "qwen")
+    directory = save_tiny_vlm(family, tmp_path / family)
     cmd = [
         sys.executable, str(ROOT / "examples" / "train.py"), "trainer=ddp_cpu", "threads=1",
         *HF_TINY, f"model.pretrained_dir={directory}", "model.lora.enabled=true",
