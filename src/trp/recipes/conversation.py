@@ -38,6 +38,7 @@ __all__ = [
     "HFReferringCollator",
     "ReferringCollator",
     "clean_expression",
+    "pad_conversations",
     "patch_classes",
 ]
 
@@ -51,6 +52,25 @@ def clean_expression(text: str) -> str:
     for ch in _FORBIDDEN:
         text = text.replace(ch, " ")
     return " ".join(text.split()) or "object"
+
+
+def pad_conversations(encoded: Sequence[Any], pad_id: int) -> dict[str, Any]:
+    """Right-pad encoded conversations (``trp.grammar.encode_conversation``) into a batch:
+    ``input_ids``, ``attention_mask``, ``labels`` [B, L] and the answers' ``parses``."""
+    length = max(e.input_ids.numel() for e in encoded)
+    b = len(encoded)
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    labels = torch.full((b, length), -100, dtype=torch.long)
+    attention = torch.zeros((b, length), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        n = e.input_ids.numel()
+        input_ids[i, :n], labels[i, :n], attention[i, :n] = e.input_ids, e.labels, 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "labels": labels,
+        "parses": [e.answers[0] for e in encoded],
+    }
 
 
 def patch_classes(class_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -238,21 +258,7 @@ class ReferringCollator:
             encoded.append(enc)
             positions = [p for triplet in enc.answers[0].positions for t in triplet for p in t]
             objects.append((positions if self.target == "vrt" else [], allowed))
-        length = max(e.input_ids.numel() for e in encoded)
-        b = len(encoded)
-        input_ids = torch.full((b, length), self.pad_id, dtype=torch.long)
-        labels = torch.full((b, length), -100, dtype=torch.long)
-        attention = torch.zeros((b, length), dtype=torch.long)
-        for i, e in enumerate(encoded):
-            n = e.input_ids.numel()
-            input_ids[i, :n], labels[i, :n], attention[i, :n] = e.input_ids, e.labels, 1
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention,
-            "labels": labels,
-            "parses": [e.answers[0] for e in encoded],
-            "objects": objects,
-        }
+        return {**pad_conversations(encoded, self.pad_id), "objects": objects}
 
     def _prompts(
         self, images: torch.Tensor, expressions: list[str], units: list[str]

@@ -46,6 +46,7 @@ from trp.losses import (
 )
 from trp.metrics import UnifiedEvaluator
 from trp.models.trp_model import TRPForConditionalGeneration, TRPOutput
+from trp.recipes.conversation import pad_conversations
 from trp.recipes.data import ReferringDataModule
 from trp.recipes.module import WarmupCosine
 from trp.recipes.overlays import draw_task_overlay
@@ -227,21 +228,7 @@ class UnifiedCollator:
             allowed = [target_patches(mask_coverage(m, self.grid)) for m in batch["masks"][i]]
             union = torch.cat(allowed).unique() if allowed else torch.zeros(0, dtype=torch.long)
             objects.append((positions, union))
-        length = max(e.input_ids.numel() for e in encoded)
-        b = len(encoded)
-        input_ids = torch.full((b, length), self.pad_id, dtype=torch.long)
-        labels = torch.full((b, length), -100, dtype=torch.long)
-        attention = torch.zeros((b, length), dtype=torch.long)
-        for i, e in enumerate(encoded):
-            n = e.input_ids.numel()
-            input_ids[i, :n], labels[i, :n], attention[i, :n] = e.input_ids, e.labels, 1
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention,
-            "labels": labels,
-            "parses": [e.answers[0] for e in encoded],
-            "objects": objects,
-        }
+        return {**pad_conversations(encoded, self.pad_id), "objects": objects}
 
     def _targets(self, batch: dict[str, Any]) -> dict[str, dict[str, Tensor]]:
         """unit -> criterion targets of the whole batch, each with its ``group``."""
