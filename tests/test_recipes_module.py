@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import lightning as L
 import pytest
 import torch
 from torch.nn import functional as F
 
 from trp.recipes import ReferringModule, WarmupCosine
+from trp.recipes.module import adamw_warmup_cosine
 
 from .test_models_trp import _batch, _model
 
@@ -105,20 +107,91 @@ def test_first_vrt_accuracy_matches_the_dense_argmax() -> None:
         assert float(got) == want
 
 
-def test_warmup_cosine_by_steps_and_by_time(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_warmup_cosine_is_a_function_of_the_step() -> None:
     sched = WarmupCosine(warmup_steps=10, total_steps=110, min_ratio=0.1)
     assert sched(0) == pytest.approx(0.1)
     assert sched(9) == pytest.approx(1.0)
     assert sched(60) == pytest.approx(0.55)
     assert sched(110) == pytest.approx(0.1)
-    now = [100.0]
-    monkeypatch.setattr("trp.recipes.module.time.monotonic", lambda: now[0])
-    timed = WarmupCosine(warmup_steps=0, total_steps=10_000, min_ratio=0.0, time_budget_s=60)
-    assert timed(0) == pytest.approx(1.0)
-    now[0] = 130.0  # half the budget spent, 0.01% of the steps
-    assert timed(1) == pytest.approx(0.5)
-    now[0] = 200.0
-    assert timed(2) == pytest.approx(0.0)
+    assert sched(500) == pytest.approx(0.1)
+    sched.total_steps = 210  # what StepBudget does at the end of the warm-up
+    assert sched(110) == pytest.approx(0.55)
+
+
+class _ClockedModule(L.LightningModule):
+    """A linear model whose every step advances a fake clock by ``seconds`` and records its LR."""
+
+    def __init__(self, clock: list[float], seconds: float) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.clock, self.seconds, self.lrs = clock, seconds, []
+
+    def training_step(self, batch, batch_idx):
+        self.clock[0] += self.seconds
+        self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+        return self.layer(batch[0]).square().mean()
+
+    def configure_optimizers(self):
+        self.lr_schedule, config = adamw_warmup_cosine(
+            self,
+            {
+                "lr": 1.0,
+                "weight_decay": 0.0,
+                "betas": [0.9, 0.98],
+                "warmup_steps": 20,
+                "min_lr_ratio": 0.0,
+            },
+        )
+        return config
+
+
+def _fit(module: L.LightningModule, max_steps: int, callbacks=()) -> L.Trainer:
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)))
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        max_epochs=-1,
+        callbacks=list(callbacks),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, data)
+    return trainer
+
+
+def test_step_budget_fixes_the_step_count_at_the_end_of_the_warm_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from trp.recipes.step_budget import StepBudget
+
+    clock = [1000.0]
+    monkeypatch.setattr("trp.recipes.step_budget.time.monotonic", lambda: clock[0])
+    budget = StepBudget(30.0, decide_at=20, first=5, fill=0.9)
+    module = _ClockedModule(clock, seconds=0.5)
+    trainer = _fit(module, max_steps=1000, callbacks=[budget])
+    # 0.5 s/step; 10 s spent after 20 steps; 0.9 * 20 s left = 36 steps more.
+    assert budget.seconds_per_step == pytest.approx(0.5)
+    assert budget.steps == 56 and trainer.global_step == 56
+    assert module.lr_schedule.total_steps == 56
+    # The same as a run of 56 steps without a budget: a run is repeated by its step count.
+    again = _ClockedModule([0.0], seconds=0.5)
+    _fit(again, max_steps=56)
+    assert module.lrs == pytest.approx(again.lrs)
+    assert module.lrs[-1] < 0.01
+
+
+def test_step_budget_keeps_a_smaller_max_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trp.recipes.step_budget import StepBudget
+
+    clock = [0.0]
+    monkeypatch.setattr("trp.recipes.step_budget.time.monotonic", lambda: clock[0])
+    budget = StepBudget(3600.0, decide_at=20, first=5)
+    trainer = _fit(_ClockedModule(clock, seconds=0.1), max_steps=30, callbacks=[budget])
+    assert budget.steps == 30 and trainer.global_step == 30
+    with pytest.raises(ValueError, match="budget_s"):
+        StepBudget(0.0, decide_at=10)
 
 
 def test_patch_class_probe_learns_from_the_class_maps() -> None:

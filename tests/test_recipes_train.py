@@ -70,6 +70,12 @@ def test_recipe_trains_evaluates_and_reloads_identically(tmp_path: Path, recipe:
     assert summary["steps"] == 3
     written = json.loads((out / "metrics.json").read_text())
     assert written["samples"] == 6
+    # What ran where: every summary names steps, speed, precision and instruction sets.
+    from trp.ops import cpu_capability
+
+    assert written["seconds_per_step"] > 0 and written["precision"] in ("32-true", "bf16-mixed")
+    assert written["trp_cpu_capability"] == cpu_capability() and written["cpu_model"]
+    assert written["planned_steps"] is None  # 3 steps end before the step budget decides
     metrics = written["metrics"]
     keys = ("rec/ACC@0.5", "rec/IoU", "res/gIoU", "res/cIoU", "answers/parsed")
     for key in (*keys, "rec_from_mask/ACC@0.5", "rec_from_mask/IoU"):

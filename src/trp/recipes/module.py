@@ -15,7 +15,6 @@ wrong objects); per-sample predictions are kept for JSON output and overlays.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,42 +30,60 @@ from trp.models.trp_model import TRPForConditionalGeneration, TRPOutput
 from trp.recipes.schema import EvalConfig, LossConfig, OptimConfig, complete
 from trp.vrt import mask_coverage
 
-__all__ = ["ReferringModule", "WarmupCosine"]
+__all__ = ["ReferringModule", "WarmupCosine", "adamw_warmup_cosine"]
 
 
 class WarmupCosine:
-    """LR factor: linear warm-up, then cosine decay to ``min_ratio``.
+    """LR factor: linear warm-up, then cosine decay over ``total_steps`` to ``min_ratio``.
 
-    Progress is the larger of the step fraction (of ``total_steps``) and, with
-    ``time_budget_s``, the fraction of the wall-clock budget spent since the first call, so a
-    run stopped by a time limit has annealed by then.
+    A function of the step alone, so a run is repeated by its step count. ``total_steps`` may
+    be changed until the warm-up ends (:class:`trp.recipes.step_budget.StepBudget` sets it
+    from the measured speed there).
     """
 
-    def __init__(
-        self,
-        *,
-        warmup_steps: int,
-        total_steps: int,
-        min_ratio: float,
-        time_budget_s: float | None = None,
-    ) -> None:
+    def __init__(self, *, warmup_steps: int, total_steps: int, min_ratio: float) -> None:
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_ratio = min_ratio
-        self.time_budget_s = time_budget_s
-        self.start: float | None = None
 
     def __call__(self, step: int) -> float:
-        if self.start is None:
-            self.start = time.monotonic()
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         span = self.total_steps - self.warmup_steps
-        progress = (step - self.warmup_steps) / span if span > 0 else 0.0
-        if self.time_budget_s:
-            progress = max(progress, (time.monotonic() - self.start) / self.time_budget_s)
-        progress = min(1.0, progress)
+        progress = min(1.0, (step - self.warmup_steps) / span if span > 0 else 0.0)
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw_warmup_cosine(
+    module: L.LightningModule, optim: Mapping[str, Any]
+) -> tuple[WarmupCosine, dict[str, Any]]:
+    """AdamW over ``module``'s trainable parameters (no weight decay on biases, norms and
+    embeddings) with a per-step :class:`WarmupCosine` over the trainer's ``max_steps``.
+
+    Returns the schedule (kept by the modules as ``lr_schedule``, which
+    :class:`trp.recipes.step_budget.StepBudget` adjusts) and Lightning's optimizer config.
+    """
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or "norm" in name or "embed" in name else decay).append(p)
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": float(optim["weight_decay"])},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=float(optim["lr"]),
+        betas=tuple(optim["betas"]),
+    )
+    warmup = int(optim["warmup_steps"])
+    max_steps = int(module.trainer.max_steps)
+    schedule = WarmupCosine(
+        warmup_steps=warmup,
+        total_steps=max(max_steps, warmup + 1) if max_steps > 0 else 0,
+        min_ratio=float(optim["min_lr_ratio"]),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    return schedule, {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class ReferringModule(L.LightningModule):
@@ -85,8 +102,6 @@ class ReferringModule(L.LightningModule):
             the batch's ``answer_prefix``, ``<Phrase>expression</Phrase>(<Unit>unit</Unit>``:
             the model grounds the given phrase, Kosmos-2's REC protocol).
         target: ``"vrt"`` or ``"ref"`` (which target kinds generation may use).
-        time_budget_s: the training wall-clock budget; with ``optim.schedule_by_time`` the
-            cosine schedule ends when it is spent (runs stopped by ``max_time`` still anneal).
         keep_images: held-out predictions that keep their image (for overlays).
         num_patch_classes: labels of the batches' ``patch_classes`` (background included); with
             ``loss.patch_class > 0`` a linear probe on the vision map learns them (cross-entropy,
@@ -112,7 +127,6 @@ class ReferringModule(L.LightningModule):
         loss: Mapping[str, Any],
         eval: Mapping[str, Any],
         target: str = "vrt",
-        time_budget_s: float | None = None,
         keep_images: int = 8,
         num_patch_classes: int = 0,
     ) -> None:
@@ -124,7 +138,7 @@ class ReferringModule(L.LightningModule):
         self.loss_cfg = loss = complete(LossConfig, loss, "loss")
         self.eval_cfg = complete(EvalConfig, eval, "eval")
         self.target = target
-        self.time_budget_s = time_budget_s
+        self.lr_schedule: WarmupCosine | None = None
         self.keep_images = keep_images
         self.box_criterion = BoxCriterion(
             weight_l1=float(loss["box_l1"]),
@@ -376,31 +390,9 @@ class ReferringModule(L.LightningModule):
         )
 
     # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self):
-        lr = float(self.optim["lr"])
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.dim() < 2 or "norm" in name or "embed" in name else decay).append(p)
-        opt = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": float(self.optim["weight_decay"])},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=lr,
-            betas=tuple(self.optim["betas"]),
-        )
-        warmup = int(self.optim["warmup_steps"])
-        total = max(int(self.trainer.max_steps), warmup + 1) if self.trainer.max_steps > 0 else 0
-        schedule = WarmupCosine(
-            warmup_steps=warmup,
-            total_steps=total,
-            min_ratio=float(self.optim["min_lr_ratio"]),
-            time_budget_s=self.time_budget_s if self.optim["schedule_by_time"] else None,
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def configure_optimizers(self) -> dict[str, Any]:
+        self.lr_schedule, config = adamw_warmup_cosine(self, self.optim)
+        return config
 
 
 def _grounds(parse) -> bool:

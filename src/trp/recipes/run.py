@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from trp.data import SHAPE_CLASSES
+from trp.machine import machine
 from trp.models.build import build_hf_model, build_model, build_tokenizer
 from trp.models.trp_model import TRPForConditionalGeneration
 from trp.recipes.checkpoint import load_checkpoint, save_checkpoint
@@ -28,6 +29,7 @@ from trp.recipes.data import ReferringDataModule, build_datasets, corpus
 from trp.recipes.module import ReferringModule
 from trp.recipes.overlays import save_overlays
 from trp.recipes.precision import resolve_precision
+from trp.recipes.step_budget import StepBudget
 
 __all__ = ["compose", "evaluate", "format_metrics", "parse_max_time", "train"]
 
@@ -105,13 +107,16 @@ def _module(cfg: DictConfig, model: TRPForConditionalGeneration) -> ReferringMod
         loss=OmegaConf.to_container(cfg.loss, resolve=True),
         eval=OmegaConf.to_container(cfg.eval, resolve=True),
         target=cfg.recipe.target,
-        time_budget_s=parse_max_time(cfg.trainer.max_time),
         keep_images=int(cfg.eval.num_overlays),
         num_patch_classes=classes,
     )
 
 
-def _trainer(cfg: DictConfig, output_dir: Path, *, logger: bool = True) -> L.Trainer:
+def _trainer(
+    cfg: DictConfig, output_dir: Path, *, logger: bool = True, budget: bool = False
+) -> L.Trainer:
+    """The Lightning trainer of ``cfg.trainer``; ``budget``: a training run, whose
+    ``max_time`` (with ``fit_steps_to_time``) becomes a step count (:class:`StepBudget`)."""
     t = cfg.trainer
     strategy: Any = t.strategy
     if t.strategy == "ddp" and t.process_group_backend:
@@ -132,7 +137,12 @@ def _trainer(cfg: DictConfig, output_dir: Path, *, logger: bool = True) -> L.Tra
         from lightning.pytorch.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(str(output_dir), name="tensorboard"))
+    callbacks: list[Any] = []
+    seconds = parse_max_time(t.max_time)
+    if budget and seconds and t.fit_steps_to_time:
+        callbacks.append(StepBudget(seconds, decide_at=int(cfg.optim.warmup_steps)))
     return L.Trainer(
+        callbacks=callbacks,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
@@ -155,6 +165,42 @@ def _setup(cfg: DictConfig) -> None:
     validate_config(cfg)
     torch.set_num_threads(int(cfg.threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+
+def training_facts(trainer: L.Trainer, seconds: float) -> dict[str, Any]:
+    """What a training run did and on what: ``steps``, ``train_seconds``,
+    ``seconds_per_step``, ``precision``, ``planned_steps`` (the count :class:`StepBudget`
+    fixed, or None) and :func:`trp.machine.machine` — the CPU model and instruction sets."""
+    steps = int(trainer.global_step)
+    budget = next((c for c in trainer.callbacks if isinstance(c, StepBudget)), None)
+    return {
+        "steps": steps,
+        "train_seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / steps, 3) if steps else None,
+        "precision": str(trainer.precision),
+        "planned_steps": budget.steps if budget is not None else None,
+        **machine(),
+    }
+
+
+def format_training(facts: dict[str, Any]) -> str:
+    """One line per fact of :func:`training_facts` (the header of the printed metrics)."""
+    isa = facts["trp_cpu_capability"] or "no trp._C"
+    limits = " ".join(f"{k}={v}" for k, v in facts["isa_limits"].items())
+    lines = [
+        f"trained {facts['steps']} steps in {facts['train_seconds']:.0f} s "
+        f"({facts['seconds_per_step']} s/step), precision {facts['precision']}, "
+        f"{facts['threads']} threads",
+        f"CPU: {facts['cpu_model']}; kernels {isa}, ATen {facts['aten_cpu_capability']}"
+        + (f" ({limits})" if limits else ""),
+    ]
+    planned = facts["planned_steps"]
+    if planned is not None and facts["steps"] < planned:
+        lines.append(
+            f"stopped by trainer.max_time at step {facts['steps']} of the {planned} planned: "
+            "the machine slowed down after the warm-up, the schedule had not ended"
+        )
+    return "\n".join(lines)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -196,6 +242,8 @@ def _run_eval(
             output_dir / "overlays",
         )
         summary["overlays"] = [str(p) for p in overlays]
+        if "seconds_per_step" in extra:
+            print("\n" + format_training(extra))
         print("\n" + format_metrics(metrics))
         print(f"\nmetrics: {output_dir / 'metrics.json'}")
         print(f"predictions: {output_dir / 'predictions.json'}")
@@ -236,7 +284,7 @@ def _write_predictions(predictions: list[dict[str, Any]], path: Path) -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train the recipe of ``cfg``, save the checkpoint, evaluate on the held-out set.
 
-    Returns the summary written to ``metrics.json`` (``metrics``, ``steps``, ``train_seconds``,
+    Returns the summary written to ``metrics.json`` (``metrics``, :func:`training_facts`,
     ``checkpoint``, ``overlays``).
     """
     if cfg.recipe.name == "shapes_unified":
@@ -256,7 +304,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model = build_model(model_cfg, tokenizer=build_tokenizer(tok_cfg, texts))
     module = _module(cfg, model)
     datamodule = _datamodule(cfg, model, train_set, held_out)
-    trainer = _trainer(cfg, output_dir)
+    trainer = _trainer(cfg, output_dir, budget=True)
     start = time.monotonic()
     trainer.fit(module, datamodule=datamodule)
     seconds = time.monotonic() - start
@@ -265,12 +313,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         save_checkpoint(model, cfg, checkpoint)
     extra = {
         "recipe": cfg.recipe.name,
-        "steps": int(trainer.global_step),
-        "train_seconds": round(seconds, 1),
+        **training_facts(trainer, seconds),
         "checkpoint": str(checkpoint),
     }
     if trainer.is_global_zero:
-        print(f"\ntrained {trainer.global_step} steps in {seconds:.0f} s; checkpoint: {checkpoint}")
+        print(f"\ntrained {extra['steps']} steps in {seconds:.0f} s; checkpoint: {checkpoint}")
     return _run_eval(trainer, module, datamodule, output_dir, extra)
 
 

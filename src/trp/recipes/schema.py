@@ -134,9 +134,9 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     warmup_steps: int = 100
-    # Cosine decay to lr * min_lr_ratio, over max_steps or, when sooner, the max_time budget.
+    # Cosine decay to lr * min_lr_ratio over the run's steps (max_steps, or the count
+    # trainer.fit_steps_to_time measures to fill max_time).
     min_lr_ratio: float = 0.05
-    schedule_by_time: bool = True
 
     def __post_init__(self) -> None:
         _positive("lr", self.lr)
@@ -615,7 +615,7 @@ _MAX_TIME = re.compile(r"^\d+:\d+:\d+:\d+$")
 
 @dataclass
 class TrainerConfig:
-    """``lightning.Trainer`` settings; the budget is max_time or max_steps, whichever first."""
+    """``lightning.Trainer`` settings; the budget is max_steps, or what fits in max_time."""
 
     accelerator: str = "cpu"
     devices: int = 1
@@ -624,7 +624,8 @@ class TrainerConfig:
     process_group_backend: str | None = None
     precision: str = "auto"
     max_steps: int = 4000
-    max_time: str | None = "00:00:09:00"
+    max_time: str | None = "00:00:10:00"
+    fit_steps_to_time: bool = True
     log_every_n_steps: int = 10
     gradient_clip_val: float | None = 1.0
     enable_progress_bar: bool = True

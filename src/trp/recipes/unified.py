@@ -48,9 +48,9 @@ from trp.metrics import UnifiedEvaluator
 from trp.models.trp_model import TRPForConditionalGeneration, TRPOutput
 from trp.recipes.conversation import pad_conversations
 from trp.recipes.data import ReferringDataModule
-from trp.recipes.module import WarmupCosine
+from trp.recipes.module import WarmupCosine, adamw_warmup_cosine
 from trp.recipes.overlays import draw_task_overlay
-from trp.recipes.schema import DataConfig, _Invalid, register
+from trp.recipes.schema import DataConfig, OptimConfig, _Invalid, complete, register
 from trp.vrt import mask_coverage, target_patches
 from trp.vrt.visual_prompt import VisualPromptEncoder, expand_vpt, splice_prompt_tokens
 
@@ -347,7 +347,6 @@ class UnifiedModule(L.LightningModule):
             ``mask_points`` weights (keypoint and depth criteria use their defaults).
         eval: ``max_new_tokens``, ``constrained``, ``mask_threshold``, ``threads``.
         num_prompt_tokens: K of the visual-prompt encoder.
-        time_budget_s: the wall-clock budget the cosine schedule may follow.
         keep_overlays: held-out samples whose overlay is kept.
     """
 
@@ -359,15 +358,14 @@ class UnifiedModule(L.LightningModule):
         loss: Mapping[str, Any],
         eval: Mapping[str, Any],
         num_prompt_tokens: int = 4,
-        time_budget_s: float | None = None,
         keep_overlays: int = 8,
     ) -> None:
         super().__init__()
         self.model = model
-        self.optim = dict(optim)
+        self.optim = complete(OptimConfig, optim, "optim")
         self.loss_cfg = dict(loss)
         self.eval_cfg = dict(eval)
-        self.time_budget_s = time_budget_s
+        self.lr_schedule: WarmupCosine | None = None
         self.keep_overlays = int(keep_overlays)
         width = int(model.text_weight.shape[1])
         vision_dim = int(model.vlm.vision_dim)
@@ -520,28 +518,8 @@ class UnifiedModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.dim() < 2 or "norm" in name or "embed" in name else decay).append(p)
-        opt = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": float(self.optim["weight_decay"])},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=float(self.optim["lr"]),
-            betas=tuple(self.optim.get("betas", (0.9, 0.999))),
-        )
-        warmup = int(self.optim["warmup_steps"])
-        total = max(int(self.trainer.max_steps), warmup + 1) if self.trainer.max_steps > 0 else 0
-        schedule = WarmupCosine(
-            warmup_steps=warmup,
-            total_steps=total,
-            min_ratio=float(self.optim.get("min_lr_ratio", 0.1)),
-            time_budget_s=self.time_budget_s if self.optim.get("schedule_by_time") else None,
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        self.lr_schedule, config = adamw_warmup_cosine(self, self.optim)
+        return config
 
 
 def _plain_text(parse: ParseResult) -> str:
@@ -686,7 +664,7 @@ def train_unified(cfg: Any) -> dict[str, Any]:
 
     from trp.models.build import build_model, build_tokenizer
     from trp.recipes.checkpoint import save_checkpoint
-    from trp.recipes.run import _setup, _trainer, parse_max_time
+    from trp.recipes.run import _setup, _trainer, format_training, training_facts
 
     if "pretrained_dir" in cfg.model:
         # The HF hosts' prompts come from their processor's chat template and image tokens
@@ -711,7 +689,6 @@ def train_unified(cfg: Any) -> dict[str, Any]:
         loss=OmegaConf.to_container(cfg.loss, resolve=True),
         eval=OmegaConf.to_container(cfg.eval, resolve=True),
         num_prompt_tokens=k,
-        time_budget_s=parse_max_time(cfg.trainer.max_time),
         keep_overlays=int(cfg.eval.num_overlays),
     )
     grid = tuple(s // int(cfg.model.patch_size) for s in (train_set.height, train_set.width))
@@ -731,10 +708,10 @@ def train_unified(cfg: Any) -> dict[str, Any]:
         eval_batch_size=int(cfg.eval.batch_size),
         num_workers=int(cfg.data.num_workers),
     )
-    trainer = _trainer(cfg, output_dir)
+    trainer = _trainer(cfg, output_dir, budget=True)
     start = time.monotonic()
     trainer.fit(module, datamodule=datamodule)
-    seconds = round(time.monotonic() - start, 1)
+    seconds = time.monotonic() - start
     checkpoint = output_dir / "checkpoint"
     if trainer.is_global_zero:
         save_checkpoint(model, cfg, checkpoint)
@@ -742,14 +719,13 @@ def train_unified(cfg: Any) -> dict[str, Any]:
     trainer.test(module, datamodule=datamodule, verbose=False)
     extra = {
         "recipe": str(cfg.recipe.name),
-        "steps": int(trainer.global_step),
-        "train_seconds": seconds,
+        **training_facts(trainer, seconds),
         "checkpoint": str(checkpoint),
     }
     summary = dict(extra, metrics=module.metrics)
     if trainer.is_global_zero:
         summary = write_outputs(module, output_dir, extra)
-        print(f"\ntrained {trainer.global_step} steps in {seconds:.0f} s")
+        print("\n" + format_training(extra))
         print(task_table(module.metrics))
         print(f"\nmetrics: {output_dir / 'metrics.json'}")
     return summary
