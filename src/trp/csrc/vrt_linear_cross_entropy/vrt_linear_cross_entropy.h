@@ -281,26 +281,51 @@ inline at::Tensor chunk_view(const at::Tensor& buffer, int64_t rb, int64_t cb) {
   return buffer.narrow(0, 0, rb * cb).view({rb, cb});
 }
 
-// Calls fn(row_begin, row_end, is_vrt, first_table_row, first_col, ncols) for every (token
-// block, vocabulary chunk): text chunks read rows of `weight` (columns = rows), VRT chunks of
-// sample b read rows proto_off[b] + first_col ... of `protos` (first_col is the local VRT index).
+// Calls fn(row_begin, row_end, is_vrt, first_table_row, first_col, ncols, first, last) for every
+// (vocabulary chunk, token block), token blocks innermost: text chunks read rows of `weight`
+// (columns = rows), VRT chunks of sample b read rows proto_off[b] + first_col ... of `protos`
+// (first_col is the local VRT index). first / last mark a chunk's first and last token block, so
+// the backward writes a chunk's grad_W rows once and accumulates into them while they are hot
+// (no zero-filled [V, D] accumulator, no second pass over it).
 template <typename Fn>
 inline void for_each_chunk(const Plan& p, int64_t vocab, Fn fn) {
   const int64_t n = p.h.size(0);
-  for (int64_t r0 = 0; r0 < n; r0 += p.token_block) {
-    const int64_t r1 = std::min(n, r0 + p.token_block);
-    for (int64_t c0 = 0; c0 < vocab; c0 += p.vocab_chunk) {
-      fn(r0, r1, false, c0, c0, std::min(vocab - c0, p.vocab_chunk));
+  for (int64_t c0 = 0; c0 < vocab; c0 += p.vocab_chunk) {
+    for (int64_t r0 = 0; r0 < n; r0 += p.token_block) {
+      const int64_t r1 = std::min(n, r0 + p.token_block);
+      fn(r0, r1, false, c0, c0, std::min(vocab - c0, p.vocab_chunk), r0 == 0, r1 == n);
     }
   }
   for (size_t b = 0; b + 1 < p.row_off.size(); ++b) {
     const int64_t p0 = p.proto_off[b], np = p.proto_off[b + 1] - p0;
-    for (int64_t r0 = p.row_off[b]; np > 0 && r0 < p.row_off[b + 1]; r0 += p.token_block) {
-      const int64_t r1 = std::min(p.row_off[b + 1], r0 + p.token_block);
-      for (int64_t c0 = 0; c0 < np; c0 += p.vocab_chunk) {
-        fn(r0, r1, true, p0 + c0, c0, std::min(np - c0, p.vocab_chunk));
+    const int64_t rb0 = p.row_off[b], rb1 = p.row_off[b + 1];
+    for (int64_t c0 = 0; rb1 > rb0 && c0 < np; c0 += p.vocab_chunk) {
+      for (int64_t r0 = rb0; r0 < rb1; r0 += p.token_block) {
+        const int64_t r1 = std::min(rb1, r0 + p.token_block);
+        fn(r0, r1, true, p0 + c0, c0, std::min(np - c0, p.vocab_chunk), r0 == rb0, r1 == rb1);
       }
     }
+  }
+}
+
+// out = a @ b (accumulate: out += a @ b) in out's dtype. With operands already in it this is one
+// BLAS call writing out in place; otherwise (half inputs) the product goes through `scratch`.
+inline void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                    const at::Tensor& scratch) {
+  if (a.scalar_type() == out.scalar_type() && b.scalar_type() == out.scalar_type()) {
+    if (accumulate) {
+      out.addmm_(a, b);
+    } else {
+      at::mm_out(out, a, b);
+    }
+    return;
+  }
+  at::Tensor prod = chunk_view(scratch, out.size(0), out.size(1));
+  mm_acc_out(prod, a, b);
+  if (accumulate) {
+    out.add_(prod);
+  } else {
+    out.copy_(prod);
   }
 }
 
@@ -333,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& hidden_in, const at
   at::Tensor s = at::zeros({n}, lse.options());
   at::Tensor buffer = at::empty({p.token_block * p.vocab_chunk}, lse.options());
   for_each_chunk(p, vocab, [&](int64_t r0, int64_t r1, bool is_vrt, int64_t row0, int64_t c0,
-                               int64_t nc) {
+                               int64_t nc, bool, bool) {
     at::Tensor buf = chunk_view(buffer, r1 - r0, nc);
     const at::Tensor& table = is_vrt ? protos : weight;
     mm_acc_out(buf, p.h.narrow(0, r0, r1 - r0), table.narrow(0, row0, nc).t());
@@ -369,31 +394,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const at::Tensor ex_off = ex_off_in.contiguous(), ex_ids = ex_ids_in.contiguous();
   const auto dtype = hidden_in.scalar_type();
   const auto acc = acc_type(dtype);
-  // float32 accumulators for half inputs (cast back once at the end).
-  at::Tensor grad_hidden = at::zeros_like(hidden_in, at::MemoryFormat::Contiguous);
-  at::Tensor grad_weight = at::zeros_like(weight, weight.options().dtype(acc));
-  at::Tensor grad_protos = at::zeros_like(protos, protos.options().dtype(acc));
-  const auto finish = [&] {
-    return std::make_tuple(grad_hidden, grad_weight.to(dtype), grad_protos.to(dtype));
+  const auto zeros = [&] {
+    return std::make_tuple(at::zeros_like(hidden_in, at::MemoryFormat::Contiguous),
+                           at::zeros_like(weight, at::MemoryFormat::Contiguous),
+                           at::zeros_like(protos, at::MemoryFormat::Contiguous));
   };
   if (tokens == 0) {
-    return finish();
+    return zeros();
   }
   const Plan p = make_plan(hidden_in, sample_index, proto_offsets, labels, ignore_index,
                            weight.size(0), chunk_size);
   const int64_t n = p.h.size(0);
   if (n == 0) {
-    return finish();
+    return zeros();
   }
+  // With an active row every text row is written by its chunk's first token block: grad_weight
+  // needs no zero fill; prototypes of samples without active rows stay 0. The gradients are in
+  // the inputs' dtype: a half chunk accumulates in a float32 [chunk, D] scratch, written once
+  // (no float32 [V, D] accumulator next to the output, no second pass over it).
+  at::Tensor grad_hidden = at::zeros_like(hidden_in, at::MemoryFormat::Contiguous);
+  at::Tensor grad_weight = at::empty_like(weight, at::MemoryFormat::Contiguous);
+  at::Tensor grad_protos = at::zeros_like(protos, at::MemoryFormat::Contiguous);
+  const int64_t dim = p.h.size(1);
   const at::Tensor g = grad_loss.index_select(0, p.rows).to(acc).contiguous();
   const at::Tensor lse_rows = lse.index_select(0, p.rows).contiguous();
-  at::Tensor grad_h = at::zeros({n, p.h.size(1)}, lse.options());
+  at::Tensor grad_h = at::zeros({n, dim}, lse.options());
   at::Tensor buffer = at::empty({p.token_block * p.vocab_chunk}, lse.options());
-  at::Tensor product = at::empty({std::max(p.token_block, p.vocab_chunk) * p.h.size(1)},
-                                 lse.options());
+  const bool half = dtype != acc;
+  // Half inputs only: the product of one GEMM, and the chunk's float32 grad rows.
+  at::Tensor product, chunk_grad;
+  if (half) {
+    product = at::empty({std::max(p.token_block, p.vocab_chunk) * dim}, lse.options());
+    chunk_grad = at::empty({p.vocab_chunk * dim}, lse.options());
+  }
   const int64_t vocab = weight.size(0);
   for_each_chunk(p, vocab, [&](int64_t r0, int64_t r1, bool is_vrt, int64_t row0, int64_t c0,
-                               int64_t nc) {
+                               int64_t nc, bool first_block, bool last_block) {
     const int64_t rb = r1 - r0;
     at::Tensor buf = chunk_view(buffer, rb, nc);
     const at::Tensor hb = p.h.narrow(0, r0, rb);
@@ -405,17 +441,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     // Columns of this chunk are label ids (is_vrt ? vocab : 0) + c0 + j.
     K::softmax_grad(buf, lse_rows.narrow(0, r0, rb), g.narrow(0, r0, rb),
                     p.labels.narrow(0, r0, rb), (is_vrt ? vocab : 0) + c0);
-    const int64_t dim = hb.size(1);
-    at::Tensor dh = chunk_view(product, rb, dim);
-    mm_acc_out(dh, buf, rows_tab);
-    grad_h.narrow(0, r0, rb).add_(dh);
+    mm_into(grad_h.narrow(0, r0, rb), buf, rows_tab, /*accumulate=*/true, product);
     // Chunks own disjoint rows of grad_weight / grad_protos: race-free accumulation.
-    at::Tensor dw = chunk_view(product, nc, dim);
-    mm_acc_out(dw, buf.t(), hb);
-    (is_vrt ? grad_protos : grad_weight).narrow(0, row0, nc).add_(dw);
+    at::Tensor out = (is_vrt ? grad_protos : grad_weight).narrow(0, row0, nc);
+    if (!half) {
+      mm_into(out, buf.t(), hb, !first_block, product);
+      return;
+    }
+    at::Tensor acc_rows = chunk_view(chunk_grad, nc, dim);
+    mm_into(acc_rows, buf.t(), hb, !first_block, product);
+    if (last_block) {  // write the chunk's rows once, in the inputs' dtype
+      out.copy_(acc_rows);
+    }
   });
   grad_hidden.index_copy_(0, p.rows, grad_h.to(dtype));
-  return finish();
+  return std::make_tuple(grad_hidden, grad_weight, grad_protos);
 }
 
 }  // namespace vrt_ce

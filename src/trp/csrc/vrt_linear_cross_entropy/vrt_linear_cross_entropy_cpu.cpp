@@ -1,8 +1,15 @@
 // CPU launcher of vrt_linear_cross_entropy: the chunked driver of the header with
-// at::parallel_for kernels over buffer rows; each row calls the shared per-element math.
+// at::parallel_for kernels over buffer rows. The two passes over every buffer element (the
+// log-sum-exp in the forward, the softmax gradient in the backward) run in at::vec::Vectorized
+// (this unit is built per instruction set): a row's max, then the sum of exp(x − max), folded
+// into the running state with the shared LseState::merge; the gradient is g · exp(x − lse) with
+// the label column corrected afterwards, the same formula as the shared softmax_grad.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "vrt_linear_cross_entropy/vrt_linear_cross_entropy.h"
 #include "cpu_capability.h"
@@ -10,6 +17,49 @@
 namespace trp {
 namespace vrt_ce {
 namespace {
+
+using at::vec::Vectorized;
+
+// (max, Σ exp(x − max)) of one buffer row; (−inf, 0) when every entry is −inf (excluded).
+template <typename scalar_t>
+LseState<scalar_t> row_lse(const scalar_t* row, int64_t n) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t lanes = Vec::size();
+  const int64_t nv = n - n % lanes;
+  scalar_t mx = neg_inf<scalar_t>();
+  if (nv > 0) {
+    Vec vmax = Vec::loadu(row);
+    for (int64_t i = lanes; i < nv; i += lanes) {
+      vmax = at::vec::maximum(vmax, Vec::loadu(row + i));
+    }
+    scalar_t lanes_max[lanes];
+    vmax.store(lanes_max);
+    for (int64_t k = 0; k < lanes; ++k) {
+      mx = std::max(mx, lanes_max[k]);
+    }
+  }
+  for (int64_t i = nv; i < n; ++i) {
+    mx = std::max(mx, row[i]);
+  }
+  if (mx == neg_inf<scalar_t>()) {
+    return LseState<scalar_t>::empty();
+  }
+  const Vec vm(mx);
+  Vec vsum(scalar_t(0));
+  for (int64_t i = 0; i < nv; i += lanes) {
+    vsum = vsum + (Vec::loadu(row + i) - vm).exp();
+  }
+  scalar_t lanes_sum[lanes];
+  vsum.store(lanes_sum);
+  scalar_t sum = 0;
+  for (int64_t k = 0; k < lanes; ++k) {
+    sum += lanes_sum[k];
+  }
+  for (int64_t i = nv; i < n; ++i) {
+    sum += exp_(row[i] - mx);
+  }
+  return {mx, sum};
+}
 
 struct CpuKernels {
   // buf [R, C]; m, s [R] (acc dtype): fold the chunk into the running log-sum-exp.
@@ -21,7 +71,11 @@ struct CpuKernels {
       scalar_t* sp = s.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
-          lse_update_row<scalar_t>(b + r * cols, cols, mp + r, sp + r);
+          const LseState<scalar_t> chunk = row_lse(b + r * cols, cols);
+          LseState<scalar_t> running{mp[r], sp[r]};
+          running.merge(chunk.m, chunk.s);
+          mp[r] = running.m;
+          sp[r] = running.s;
         }
       });
     });
@@ -56,12 +110,22 @@ struct CpuKernels {
       const scalar_t* l = lse.const_data_ptr<scalar_t>();
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
       const int64_t* lab = labels.const_data_ptr<int64_t>();
+      using Vec = Vectorized<scalar_t>;
+      constexpr int64_t lanes = Vec::size();
+      const int64_t nv = cols - cols % lanes;
       at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           scalar_t* row = b + r * cols;
+          const Vec vl(l[r]), vg(gp[r]);
+          for (int64_t c = 0; c < nv; c += lanes) {
+            (vg * (Vec::loadu(row + c) - vl).exp()).store(row + c);
+          }
+          for (int64_t c = nv; c < cols; ++c) {
+            row[c] = vrt_ce::softmax_grad<scalar_t>(row[c], l[r], gp[r], false);
+          }
           const int64_t label_col = lab[r] - col_base;
-          for (int64_t c = 0; c < cols; ++c) {
-            row[c] = vrt_ce::softmax_grad<scalar_t>(row[c], l[r], gp[r], c == label_col);
+          if (label_col >= 0 && label_col < cols) {
+            row[label_col] -= gp[r];  // softmax_grad's − g at the label
           }
         }
       });
