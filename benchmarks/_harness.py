@@ -11,7 +11,9 @@ A benchmark module (``benchmarks/bench_<op>.py``) defines
   ``vs <side>`` speed-up of the fused one;
 * optionally ``MODES`` (default both) and ``check(case) -> float``: max abs error fused vs eager.
 
-Timing uses ``torch.utils.benchmark.Timer.blocked_autorange`` at 1 and 2 threads. Peak memory is
+Timing (:func:`time_interleaved`) alternates the sides block by block with
+``torch.utils.benchmark.Timer`` at 1 and 2 threads and reports each side's median and IQR over
+its blocks, so a load spike from other processes hits every side alike. Peak memory is
 the growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) over one call,
 measured in a fresh subprocess with glibc's mmap threshold pinned so freed tensors leave the
 process: what a user sees as the process growing.
@@ -115,6 +117,38 @@ def make_call(fn: Callable, inputs: dict, mode: str) -> Callable[[], None]:
     return call_backward
 
 
+def time_interleaved(
+    calls: dict[str, Callable[[], None]], threads: int, min_run_time: float, label: str = ""
+) -> dict[str, benchmark.Measurement]:
+    """Each side's per-call time over blocks run in turn (side A, side B, ..., A, B, ...).
+
+    A block repeats a side's call enough times to last about ``min_run_time / 10`` (once for a
+    slow call); rounds go on until every side has run ``min_run_time`` and at least 3 blocks.
+    """
+    timers = {
+        side: benchmark.Timer(
+            stmt="call()",
+            globals={"call": call},
+            num_threads=threads,
+            label=label,
+            description=side,
+        )
+        for side, call in calls.items()
+    }
+    number = {}
+    for side, timer in timers.items():
+        once = timer.timeit(1).median  # also the warm-up
+        number[side] = max(1, int(min_run_time / 10 / max(once, 1e-9)))
+    blocks: dict[str, list[benchmark.Measurement]] = {side: [] for side in timers}
+    spent = dict.fromkeys(timers, 0.0)
+    while min(spent.values()) < min_run_time or min(len(b) for b in blocks.values()) < 3:
+        for side, timer in timers.items():
+            m = timer.timeit(number[side])
+            blocks[side].append(m)
+            spent[side] += m.median * number[side]
+    return {side: benchmark.Measurement.merge(ms)[0] for side, ms in blocks.items()}
+
+
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -182,19 +216,8 @@ def run(module_path: str | Path, quick: bool, threads: tuple[int, ...] = (1, 2))
             for n in threads:
                 torch.set_num_threads(n)
                 inputs = module.make_inputs(case, mode)
-                timings = {}
-                for side, fn in module.SIDES.items():
-                    call = make_call(fn, inputs, mode)
-                    call()
-                    m = benchmark.Timer(
-                        stmt="call()",
-                        globals={"call": call},
-                        num_threads=n,
-                        label=module.OP,
-                        sub_label=f"{case} {mode}",
-                        description=side,
-                    ).blocked_autorange(min_run_time=min_run_time)
-                    timings[side] = m
+                calls = {side: make_call(fn, inputs, mode) for side, fn in module.SIDES.items()}
+                timings = time_interleaved(calls, n, min_run_time, module.OP)
                 eager, fused = timings["eager"], timings["fused"]
                 row = {
                     "op": module.OP,
