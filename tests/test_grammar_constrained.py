@@ -547,3 +547,254 @@ def test_output_buffers_are_reused_only_when_nobody_holds_them() -> None:
         if t == 1:
             view, first = out[:, :5], out.clone()  # a view keeps its storage from reuse
     assert torch.equal(view, first[:, :5])
+
+
+# ---------------------------------------------------------------------------- fast path
+def _reference(
+    proc: TRPLogitsProcessor, ids: torch.Tensor, prompt_len: int, scores: torch.Tensor
+) -> torch.Tensor:
+    """The processor's output from first principles: every row replayed from its generated
+    tokens (with the forced completion where a state allows nothing at its budget), the state's
+    text mask, its own patches outside the open run, nothing else."""
+    vocab, table = proc.vocab, proc.table
+    base, num_vrt = vocab.vrt_base, proc.vrt_mask.shape[1]
+    per = ids.shape[0] // proc.vrt_mask.shape[0]
+    out = scores.clone()
+
+    def allowed(s, budget: int, sample: int) -> torch.Tensor:
+        rm = proc.tables.entry(s, proc.tokenizer).mask(budget, table)
+        keep = torch.zeros(scores.shape[1], dtype=torch.bool)
+        text = torch.zeros(table.size, dtype=torch.bool)
+        text[rm.ids] = True
+        keep[: table.size] = ~text if rm.deny else text
+        if rm.vrt and proc._has_vrt(sample):
+            own = proc.vrt_mask[sample].clone()
+            own[list(s.triplet.run)] = False
+            keep[base : base + num_vrt] = own
+        return keep
+
+    for r, row in enumerate(ids[:, prompt_len:].tolist()):
+        sample = r // per
+        s, forced, done = proc._initial[proc._has_vrt(sample)], (), False
+        for j in range(len(row) + 1):
+            budget = proc.max_new_tokens - j
+            if not forced:
+                keep = allowed(s, budget, sample)
+                if not keep.any():
+                    forced = tuple(proc._encode(s.completion(proc._fill(sample))))
+            if j == len(row):
+                break
+            t = row[j]
+            if t in proc.eos:
+                done = True
+                break
+            forced = forced[1:] if forced and forced[0] == t else ()
+            s = s.feed(vocab.piece(t))
+        if done:
+            continue  # finished: left alone
+        if forced:
+            keep = torch.zeros(scores.shape[1], dtype=torch.bool)
+            keep[forced[0]] = True
+        out[r, ~keep] = float("-inf")
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fast_path_masks_equal_the_reference(seed: int) -> None:
+    """Random walks over allowed tokens, rows sometimes reordered (as beams do), input ids
+    built as generate does (a new tensor per step: the fast path) or as views of one buffer
+    (the general path); copy and in-place; every output equals the reference."""
+    tok = offline_tokenizer("bpe")
+    vocab = TokenVocab.from_tokenizer(tok)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    samples = rng.choice([1, 2, 3])
+    per = rng.choice([1, 2])
+    rows = samples * per
+    mask = torch.rand(samples, NUM_VRT, generator=gen) < 0.4
+    mask[0] = False  # sample 0 has no patch: no VRT at all
+    budget = 40
+    prompt = torch.tensor([encode_text(tok, "find the dogs")] * rows)
+    width = vocab.vrt_base + NUM_VRT + 3  # padded embedding columns too
+    structure = [vocab.vrt_base + k for k in range(NUM_VRT)] + list(trp_token_ids(tok).values())
+    for views in (False, True):
+        procs = [
+            TRPLogitsProcessor(
+                tokenizer=tok,
+                eos_token_id=tok.eos_token_id,
+                vrt_mask=mask,
+                vocab=vocab,
+                max_new_tokens=budget,
+                inplace=inplace,
+            )
+            for inplace in (False, True)
+        ]
+        buffer = torch.zeros(rows, prompt.shape[1] + budget, dtype=torch.long)
+        buffer[:, : prompt.shape[1]] = prompt
+        ids = prompt.clone()
+        fast_steps = 0
+        for _step in range(budget):
+            scores = torch.randn(rows, width, generator=gen)
+            scores[:, structure] += 4.0  # towards tags and VRTs, so triplets get generated
+            want = _reference(procs[0], ids, prompt.shape[1], scores)
+            for proc in procs:
+                given = scores.clone()
+                got = proc(buffer[:, : ids.shape[1]] if views else ids, given)
+                bad = (got != want).nonzero().tolist()
+                assert not bad, (views, proc.inplace, _step, bad[:5])
+                assert (got is given) == proc.inplace
+                fast_steps += proc._prev_keys is None
+            if torch.isinf(want).all(dim=1).any():
+                break
+            nxt = torch.distributions.Categorical(logits=want).sample()
+            if rng.random() < 0.3 and ids.shape[1] > prompt.shape[1]:
+                # Beams reorder rows within a sample (the sample of a row never changes).
+                order = [s * per + rng.randrange(per) for s in range(samples) for _ in range(per)]
+                ids, nxt = ids[order], nxt[order]
+                buffer[:, : ids.shape[1]] = ids
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            buffer[:, : ids.shape[1]] = ids
+            if all(tok.eos_token_id in r for r in ids[:, prompt.shape[1] :].tolist()):
+                break
+        if views:
+            assert fast_steps == 0  # one buffer written in place: always the general path
+        else:
+            assert fast_steps > 0
+
+
+def test_fast_path_refuses_rows_that_do_not_continue() -> None:
+    tok = offline_tokenizer("bpe")
+    vocab = TokenVocab.from_tokenizer(tok)
+    proc = TRPLogitsProcessor(tokenizer=tok, eos_token_id=tok.eos_token_id, vocab=vocab)
+    a = encode_text(tok, "the dog <Phrase>")
+    b = encode_text(tok, "a cat sat on it")
+    scores = torch.zeros(1, len(tok))
+    proc(torch.tensor([a[:1]]), scores)
+    for t in range(2, len(a) + 1):
+        proc(torch.tensor([a[:t]]), scores)
+    # Same length + 1 but another history: the rows are replayed, not continued.
+    other = torch.tensor([b[:1] + a[1:] + b[:1]])
+    out = proc(other, scores)
+    fresh = TRPLogitsProcessor(tokenizer=tok, eos_token_id=tok.eos_token_id, vocab=vocab)
+    fresh(other[:, :1], scores)
+    assert torch.equal(out, fresh(other, scores))
+
+
+# ---------------------------------------------------------------------------- disk cache
+def _fresh_tokenizer():
+    import copy
+
+    return copy.deepcopy(offline_tokenizer("bpe"))
+
+
+def _same_table(a, b) -> None:
+    assert a.pieces == b.pieces and a.vrt_base == b.vrt_base and a.eos == b.eos
+    assert a.tag_ids == b.tag_ids and a.angle == b.angle and a.name_special == b.name_special
+    assert a.banned == b.banned and a._sorted_ids == b._sorted_ids and a._sorted == b._sorted
+    assert torch.equal(a.ordinary, b.ordinary) and torch.equal(a.free, b.free)
+    assert torch.equal(a.name_free, b.name_free)
+
+
+def test_disk_cache_hit_loads_without_reading_the_tokens(tmp_path, monkeypatch) -> None:
+    from trp.grammar import constrained
+
+    tok = _fresh_tokenizer()
+    cold = constrained.prepare_tokens(tok, eos_token_id=tok.eos_token_id, cache_dir=tmp_path)
+    files = sorted(p.name.split("-")[0] for p in (tmp_path / "tokens").iterdir())
+    assert files == ["table", "vocab"]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("rebuilt instead of loaded")
+
+    monkeypatch.setattr(constrained.TokenVocab, "from_tokenizer", fail)
+    monkeypatch.setattr(constrained.TokenTable, "__init__", fail)
+    again = _fresh_tokenizer()  # a new object: nothing of it is cached in memory
+    warm = constrained.prepare_tokens(again, eos_token_id=again.eos_token_id, cache_dir=tmp_path)
+    assert warm is not cold
+    _same_table(warm, cold)
+    assert constrained.vocab_of(again).pieces == cold.pieces  # the memory cache holds it now
+
+
+def test_disk_cache_misses_on_another_tokenizer_or_ids(tmp_path) -> None:
+    from trp.grammar import constrained
+
+    tok = _fresh_tokenizer()
+    base = constrained.prepare_tokens(tok, eos_token_id=tok.eos_token_id, cache_dir=tmp_path)
+    other = _fresh_tokenizer()
+    other.add_special_tokens({"additional_special_tokens": ["<|extra_pad|>"]})
+    table = constrained.prepare_tokens(other, eos_token_id=other.eos_token_id, cache_dir=tmp_path)
+    new_id = other.convert_tokens_to_ids("<|extra_pad|>")
+    assert table.size == base.size + 1 and not bool(table.ordinary[new_id])
+    banned = constrained.prepare_tokens(
+        _fresh_tokenizer(), eos_token_id=tok.eos_token_id, banned_ids=[5], cache_dir=tmp_path
+    )
+    assert bool(base.ordinary[5]) != bool(banned.ordinary[5])
+    names = [p.name for p in (tmp_path / "tokens").iterdir()]
+    assert sum(n.startswith("vocab-") for n in names) == 2  # two tokenizers
+    assert sum(n.startswith("table-") for n in names) == 3  # and three id sets
+    # A file under the right name whose stored key differs is rebuilt (never trusted).
+    from trp.grammar import token_cache
+
+    path = next((tmp_path / "tokens").glob("table-*"))
+    tensors, fields = token_cache.load_entry(tmp_path / "tokens", "x", "x") or ({}, {})
+    assert not tensors and not fields
+    from safetensors.torch import load_file, save_file
+
+    saved = load_file(str(path))
+    save_file(saved, str(path), metadata={"format": token_cache.FORMAT, "key": "0", "fields": "{}"})
+    rebuilt = constrained.prepare_tokens(
+        _fresh_tokenizer(), eos_token_id=tok.eos_token_id, cache_dir=tmp_path
+    )
+    _same_table(rebuilt, base)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "bad_fields"])
+def test_disk_cache_corrupt_file_warns_and_rebuilds(tmp_path, damage: str) -> None:
+    from trp.grammar import constrained
+
+    tok = _fresh_tokenizer()
+    ref = constrained.prepare_tokens(tok, eos_token_id=tok.eos_token_id, cache_dir=tmp_path)
+    for path in (tmp_path / "tokens").iterdir():
+        data = path.read_bytes()
+        if damage == "garbage":
+            path.write_bytes(b"\x00not a safetensors file" * 3)
+        elif damage == "truncated":
+            path.write_bytes(data[: len(data) // 2])
+        else:
+            # A readable file whose tensors do not fit: cut every tensor in half.
+            from safetensors import safe_open
+            from safetensors.torch import save_file
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata()
+                tensors = {k: f.get_tensor(k)[: len(f.get_tensor(k)) // 2] for k in f.keys()}  # noqa: SIM118
+            save_file(tensors, str(path), metadata=meta)
+    with pytest.warns(RuntimeWarning, match="token cache"):
+        table = constrained.prepare_tokens(
+            _fresh_tokenizer(), eos_token_id=tok.eos_token_id, cache_dir=tmp_path
+        )
+    _same_table(table, ref)
+    # The rebuilt files were written back (atomically: no temporary file is left).
+    names = sorted(p.name for p in (tmp_path / "tokens").iterdir())
+    assert len(names) == 2 and not any(n.endswith(".tmp") for n in names)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = constrained.prepare_tokens(
+            _fresh_tokenizer(), eos_token_id=tok.eos_token_id, cache_dir=tmp_path
+        )
+    _same_table(again, ref)
+
+
+def test_disk_cache_can_be_turned_off(tmp_path, monkeypatch) -> None:
+    from trp.grammar import constrained
+
+    tok = _fresh_tokenizer()
+    constrained.prepare_tokens(tok, eos_token_id=tok.eos_token_id, cache_dir=False)
+    monkeypatch.setenv("TRP_CACHE_DIR", "")
+    constrained.prepare_tokens(_fresh_tokenizer(), eos_token_id=tok.eos_token_id)
+    monkeypatch.setenv("TRP_CACHE_DIR", str(tmp_path / "env"))
+    constrained.prepare_tokens(_fresh_tokenizer(), eos_token_id=tok.eos_token_id)
+    assert len(list((tmp_path / "env" / "tokens").iterdir())) == 2
+    assert not (tmp_path / "tokens").exists()

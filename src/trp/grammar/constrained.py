@@ -19,10 +19,13 @@ A decoding step only feeds each row's new token to its parser value and applies 
 
 from __future__ import annotations
 
+import array
 import bisect
 import math
+import os
 import re
 import sys
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor
 
+from trp.grammar import token_cache
 from trp.grammar.errors import TRPParseError
 from trp.grammar.literals import ENTRY_UNIT, VRT_PARTIAL
 from trp.grammar.scanner import ScanState, initial_state
@@ -49,6 +53,7 @@ __all__ = [
 _GRAMMAR_TAG = re.compile(r"<(?:/?(?:Task|Phrase|Unit)>|REF>)")
 _NEG = float("-inf")
 _MAX_STATES = 20_000
+CacheDir = str | os.PathLike[str] | bool | None
 
 
 # ------------------------------------------------------------------------------------ tokens
@@ -73,26 +78,19 @@ class TokenTable:
         banned: Iterable[int] = (),
     ) -> None:
         pieces = vocab.pieces
-        n = len(pieces)
-        # The pieces, not the vocabulary object: the cache is keyed weakly by that object.
-        self.pieces = pieces
-        self.vrt_base = vocab.vrt_base
-        self.size = n
-        self.eos = tuple(sorted(set(eos)))
+        eos = tuple(sorted(set(eos)))
         tag_ids: dict[str, list[int]] = {t: [] for t in GRAMMAR_TAGS}
-        never = set(added) | set(banned) | set(self.eos)
+        never = set(added) | set(banned) | set(eos)
         for i, p in enumerate(pieces):
             if p in tag_ids:
                 tag_ids[p].append(i)
-        self.tag_ids = {t: tuple(ids) for t, ids in tag_ids.items()}
-        self.tags = tuple(i for ids in self.tag_ids.values() for i in ids)
-        never -= set(self.tags)
+        tags = {i for ids in tag_ids.values() for i in ids}
+        never |= tags
         ordinary = []
         angle, name_special = [], []
         unit_heads = tuple(ENTRY_UNIT[:k] for k in range(1, len(ENTRY_UNIT)))
-        tags = set(self.tags)
         for i, p in enumerate(pieces):
-            ok = bool(p) and i not in never and i not in tags and p not in (VPT, IMAGE)
+            ok = bool(p) and i not in never and p not in (VPT, IMAGE)
             ordinary.append(ok)
             if not ok:
                 continue
@@ -100,25 +98,96 @@ class TokenTable:
                 angle.append(i)
             elif "\n" in p or ENTRY_UNIT in p or p.endswith(unit_heads):
                 name_special.append(i)
-        self.ordinary = torch.tensor(ordinary, dtype=torch.bool)
+        banned_ids = [i for i, ok in enumerate(ordinary) if not ok and i not in tags]
+        # Prefix index over ordinary pieces: "tokens starting with s" is one bisect.
+        order = sorted((p, i) for i, p in enumerate(pieces) if ordinary[i])
+        self._setup(
+            pieces,
+            vocab.vrt_base,
+            eos,
+            {t: tuple(ids) for t, ids in tag_ids.items()},
+            torch.tensor(ordinary, dtype=torch.bool),
+            angle,
+            name_special,
+            banned_ids,
+            [i for _, i in order],
+        )
+
+    def _setup(
+        self,
+        pieces: list[str],
+        vrt_base: int,
+        eos: tuple[int, ...],
+        tag_ids: dict[str, tuple[int, ...]],
+        ordinary: torch.Tensor,
+        angle: list[int],
+        name_special: list[int],
+        banned: list[int],
+        sorted_ids: list[int],
+    ) -> None:
+        # The pieces, not the vocabulary object: the cache is keyed weakly by that object.
+        self.pieces = pieces
+        self.vrt_base = vrt_base
+        self.size = len(pieces)
+        self.eos = eos
+        self.tag_ids = tag_ids
+        self.tags = tuple(i for ids in tag_ids.values() for i in ids)
+        self.ordinary = ordinary
         self.angle = tuple(angle)
         self.name_special = tuple(name_special)
-        self.free = self.ordinary.clone()
+        self.free = ordinary.clone()
         self.free[list(angle)] = False
         self.name_free = self.free.clone()
         self.name_free[list(name_special)] = False
-        self.banned = tuple(i for i in range(n) if not ordinary[i] and i not in tags)
-        # Prefix index over ordinary pieces: "tokens starting with s" is one bisect.
-        order = sorted((p, i) for i, p in enumerate(pieces) if ordinary[i])
-        self._sorted = [p for p, _ in order]
-        self._sorted_ids = [i for _, i in order]
-        self._by_piece: dict[str, list[int]] = {}
-        for p, i in order:
-            self._by_piece.setdefault(p, []).append(i)
+        self.banned = tuple(banned)
+        self._sorted_ids = sorted_ids
+        self._sorted = [pieces[i] for i in sorted_ids]
         # Tables of each grammar configuration (units, target kinds), filled lazily.
         self.grammars: dict[tuple[object, ...], _StateTables] = {}
         self._reps: dict[int, list[int]] = {}
         self.costs: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ disk cache
+    def _arrays(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What :meth:`_from_arrays` needs, as tensors and json fields."""
+
+        def ids(x: Sequence[int]) -> torch.Tensor:
+            return torch.tensor(list(x), dtype=torch.long)
+
+        tensors = {
+            "ordinary": self.ordinary,
+            "angle": ids(self.angle),
+            "name_special": ids(self.name_special),
+            "banned": ids(self.banned),
+            "sorted_ids": ids(self._sorted_ids),
+        }
+        fields = {
+            "size": self.size,
+            "vrt_base": self.vrt_base,
+            "eos": list(self.eos),
+            "tag_ids": {t: list(v) for t, v in self.tag_ids.items()},
+        }
+        return tensors, fields
+
+    @classmethod
+    def _from_arrays(
+        cls, pieces: list[str], tensors: dict[str, torch.Tensor], fields: dict[str, Any]
+    ) -> TokenTable:
+        if fields["size"] != len(pieces) or tensors["ordinary"].shape != (len(pieces),):
+            raise ValueError("the cached table does not fit the vocabulary")
+        self = cls.__new__(cls)
+        self._setup(
+            pieces,
+            int(fields["vrt_base"]),
+            tuple(int(i) for i in fields["eos"]),
+            {t: tuple(int(i) for i in v) for t, v in fields["tag_ids"].items()},
+            tensors["ordinary"].bool(),
+            tensors["angle"].tolist(),
+            tensors["name_special"].tolist(),
+            tensors["banned"].tolist(),
+            tensors["sorted_ids"].tolist(),
+        )
+        return self
 
     def starting_with(self, s: str) -> list[int]:
         """Ordinary token ids whose piece starts with ``s`` (non-empty)."""
@@ -128,7 +197,8 @@ class TokenTable:
 
     def equal_to(self, s: str) -> list[int]:
         """Ordinary token ids whose piece is exactly ``s``."""
-        return self._by_piece.get(s, [])
+        lo = bisect.bisect_left(self._sorted, s)
+        return self._sorted_ids[lo : bisect.bisect_right(self._sorted, s, lo)]
 
     def representatives(self, cls: torch.Tensor) -> list[int]:
         """A few token ids of a class (``free`` or ``name_free``), to stand for all of it."""
@@ -153,16 +223,64 @@ _TABLES: weakref.WeakKeyDictionary[Any, dict[tuple[object, ...], TokenTable]] = 
 _VOCABS: weakref.WeakKeyDictionary[Any, tuple[int, TokenVocab]] = weakref.WeakKeyDictionary()
 
 
-def vocab_of(tokenizer: Any) -> TokenVocab:
-    """``TokenVocab.from_tokenizer(tokenizer)``, cached with the tokenizer object."""
-    # Building the piece table reads every token (~0.5 s at 150k): once per tokenizer, redone
-    # only when tokens were added since.
+def vocab_of(tokenizer: Any, *, cache_dir: CacheDir = None) -> TokenVocab:
+    """``TokenVocab.from_tokenizer(tokenizer)``, cached with the tokenizer object and on disk.
+
+    Building the piece table reads every token (~0.5 s at 150k): once per tokenizer object
+    (redone when tokens were added since), and once per tokenizer on disk (``cache_dir``, see
+    :mod:`trp.grammar.token_cache`; keyed by a digest of the tokenizer's serialized model, added
+    tokens, length and bos/eos/pad ids).
+    """
     cached = _VOCABS.get(tokenizer)
     if cached is not None and cached[0] == len(tokenizer):
         return cached[1]
-    vocab = TokenVocab.from_tokenizer(tokenizer)
+    root = token_cache.cache_root(cache_dir)
+    fp = token_cache.tokenizer_fingerprint(tokenizer) if root is not None else None
+    vocab = None
+    if fp is not None:
+        hit = token_cache.load_entry(root, "vocab", fp)
+        if hit is not None:
+            try:
+                vocab = _vocab_from_arrays(*hit)
+            except Exception as err:  # a bad entry is rebuilt, never fatal
+                _warn_rebuild("vocab", err)
+    if vocab is None:
+        vocab = TokenVocab.from_tokenizer(tokenizer)
+        if fp is not None:
+            token_cache.save_entry(root, "vocab", fp, *_vocab_arrays(vocab))
     _VOCABS[tokenizer] = (len(tokenizer), vocab)
     return vocab
+
+
+def _vocab_arrays(vocab: TokenVocab) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    data = "".join(vocab.pieces).encode("latin-1")
+    lengths = torch.tensor([len(p) for p in vocab.pieces], dtype=torch.long)
+    tensors = {"bytes": torch.frombuffer(bytearray(data), dtype=torch.uint8), "lengths": lengths}
+    if not data:
+        tensors["bytes"] = torch.zeros(0, dtype=torch.uint8)
+    return tensors, {"vrt_base": vocab.vrt_base, "size": len(vocab.pieces)}
+
+
+def _vocab_from_arrays(tensors: dict[str, torch.Tensor], fields: dict[str, Any]) -> TokenVocab:
+    text = tensors["bytes"].numpy().tobytes().decode("latin-1")
+    lengths = tensors["lengths"].tolist()
+    if len(lengths) != fields["size"] or sum(lengths) != len(text):
+        raise ValueError("the cached pieces do not add up")
+    pieces = []
+    at = 0
+    for k in lengths:
+        pieces.append(text[at : at + k])
+        at += k
+    return TokenVocab(pieces=pieces, vrt_base=int(fields["vrt_base"]))
+
+
+def _warn_rebuild(kind: str, err: Exception) -> None:
+    warnings.warn(
+        f"trp: ignoring a bad {kind} entry of the token cache ({type(err).__name__}: {err}); "
+        "rebuilding it",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _added_ids(tokenizer: Any) -> list[int]:
@@ -177,24 +295,66 @@ def prepare_tokens(
     eos_token_id: int | Sequence[int],
     vocab: TokenVocab | None = None,
     banned_ids: Iterable[int] = (),
+    cache_dir: CacheDir = None,
 ) -> TokenTable:
-    """The :class:`TokenTable` of ``tokenizer`` (built once, then cached in memory).
+    """The :class:`TokenTable` of ``tokenizer`` (built once, then cached in memory and on disk).
 
     Every added token of the tokenizer except the TRP grammar tags is never allowed (nor are
-    ``banned_ids``); ``eos_token_id`` only where the answer is complete. The cache is keyed by
-    the tokenizer object (or ``vocab`` when given) and dies with it; the per-state tables the
-    processor computes live in the returned object, so later ``generate`` calls reuse them.
+    ``banned_ids``); ``eos_token_id`` only where the answer is complete. The memory cache is
+    keyed by the tokenizer object (or ``vocab`` when given) and dies with it; the per-state
+    tables the processor computes live in the returned object, so later ``generate`` calls reuse
+    them. The disk cache (``cache_dir``: default ``$TRP_CACHE_DIR`` or ``~/.cache/trp``;
+    ``False`` or ``TRP_CACHE_DIR=""``: off) is keyed by a digest of the token texts, the added,
+    end and banned ids and the table format, so a later process loads the table instead of
+    reading every token (see :mod:`trp.grammar.token_cache`).
     """
     eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
     banned = tuple(sorted({int(i) for i in banned_ids}))
     owner = vocab if vocab is not None else tokenizer
-    vocab = vocab if vocab is not None else vocab_of(tokenizer)
+    vocab = vocab if vocab is not None else vocab_of(tokenizer, cache_dir=cache_dir)
     added = tuple(i for i in _added_ids(tokenizer) if i < len(vocab.pieces))
     key = (len(vocab.pieces), vocab.vrt_base, eos, added, banned)
     per_owner = _TABLES.setdefault(owner, {})
     table = per_owner.get(key)
     if table is None:
-        table = per_owner[key] = TokenTable(vocab, eos=eos, added=added, banned=banned)
+        table = per_owner[key] = _load_or_build(vocab, eos, added, banned, cache_dir)
+    return table
+
+
+def _load_or_build(
+    vocab: TokenVocab,
+    eos: tuple[int, ...],
+    added: tuple[int, ...],
+    banned: tuple[int, ...],
+    cache_dir: CacheDir,
+) -> TokenTable:
+    root = token_cache.cache_root(cache_dir)
+    if root is None:
+        return TokenTable(vocab, eos=eos, added=added, banned=banned)
+    lengths = array.array("q", map(len, vocab.pieces)).tobytes()
+    pieces = token_cache.digest(lengths, "".join(vocab.pieces).encode("latin-1"))
+    # What the classes are computed from: the texts, the ids, and the grammar's own tokens.
+    key = token_cache.digest(
+        token_cache.FORMAT,
+        "table",
+        pieces,
+        vocab.vrt_base,
+        tuple(sorted(set(eos))),
+        tuple(sorted(set(added))),
+        banned,
+        GRAMMAR_TAGS,
+        ENTRY_UNIT,
+        VPT,
+        IMAGE,
+    )
+    hit = token_cache.load_entry(root, "table", key)
+    if hit is not None:
+        try:
+            return TokenTable._from_arrays(vocab.pieces, *hit)
+        except Exception as err:  # a bad entry is rebuilt, never fatal
+            _warn_rebuild("table", err)
+    table = TokenTable(vocab, eos=eos, added=added, banned=banned)
+    token_cache.save_entry(root, "table", key, *table._arrays())
     return table
 
 
@@ -206,7 +366,29 @@ class _RowMask:
     deny: bool
     ids: torch.Tensor  # LongTensor[k]: denied (deny) or allowed (not deny) text-vocabulary ids
     vrt: bool  # may a VRT come (the row's own patches outside the open run)
-    on_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+    # Full-width plans of this mask for rows that may not point at a VRT, per score layout.
+    plans: dict[tuple[int, int, int], _Plan] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.deny and not self.vrt and self.ids.numel() == 0
+
+
+class _Plan:
+    """What one row may produce, over all columns of the scores (text, padded columns and
+    VRTs): the sorted ids to set to -inf (``deny``) or the only ids to keep. One
+    ``index_fill_`` / ``index_copy_`` applies it."""
+
+    __slots__ = ("deny", "ids", "on_device")
+
+    def __init__(self, deny: bool, ids: torch.Tensor) -> None:
+        self.deny = deny
+        self.ids = ids
+        self.on_device: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def empty(self) -> bool:
+        return not self.deny and self.ids.numel() == 0
 
     def ids_on(self, device: torch.device) -> torch.Tensor:
         if device.type == "cpu":
@@ -216,16 +398,41 @@ class _RowMask:
             t = self.on_device[device] = self.ids.to(device)
         return t
 
-    @property
-    def empty(self) -> bool:
-        return not self.deny and not self.vrt and self.ids.numel() == 0
+
+def _plan_of(
+    rm: _RowMask, n: int, base: int, num_vrt: int, width: int, patches: torch.Tensor | None
+) -> _Plan:
+    """The full-width plan of ``rm`` over ``width`` score columns: text ids ``[0, n)``, padded
+    columns ``[n, base)`` and ``[base + num_vrt, width)`` (never allowed), VRTs
+    ``[base, base + num_vrt)`` of which ``patches`` (``Tensor[num_vrt] bool``; None: none) are
+    allowed."""
+    if rm.deny:
+        vrt_denied = (
+            torch.arange(base, base + num_vrt)
+            if patches is None
+            else (~patches).nonzero().flatten() + base
+        )
+        parts = [rm.ids, torch.arange(n, base), vrt_denied, torch.arange(base + num_vrt, width)]
+        return _Plan(True, torch.cat(parts))
+    if patches is None:
+        return _Plan(False, rm.ids)
+    return _Plan(False, torch.cat([rm.ids, patches.nonzero().flatten() + base]))
 
 
 class _StateEntry:
     """Per-state table: the class mask that applies (with the cost of finishing after one of
     its tokens), the probed exceptions with their costs (-1: refused), the VRT cost."""
 
-    __slots__ = ("accepting", "default", "default_cost", "exc_cost", "exc_ids", "masks", "vrt_cost")
+    __slots__ = (
+        "accepting",
+        "default",
+        "default_cost",
+        "exc_cost",
+        "exc_ids",
+        "masks",
+        "max_cost",
+        "vrt_cost",
+    )
 
     def __init__(
         self,
@@ -243,15 +450,12 @@ class _StateEntry:
         self.vrt_cost = vrt_cost
         self.accepting = accepting
         self.masks: dict[int, _RowMask] = {}
-
-    @property
-    def max_cost(self) -> int:
-        exc = int(self.exc_cost.max()) if len(self.exc_cost) else -1
-        return max(self.default_cost, self.vrt_cost, exc)
+        exc = max(exc_cost, default=-1)
+        self.max_cost = max(default_cost, vrt_cost, exc)
 
     def mask(self, budget: float, table: TokenTable) -> _RowMask:
         """The row mask when ``budget`` tokens remain (this one included)."""
-        b = int(min(budget, self.max_cost + 1))
+        b = self.max_cost + 1 if budget > self.max_cost else int(budget)
         rm = self.masks.get(b)
         if rm is None:
             rm = self.masks[b] = self._build(b, table)
@@ -420,6 +624,9 @@ class _Row:
     forced: tuple[int, ...] = ()
 
 
+_FINISHED = _Row(None)
+
+
 class TRPLogitsProcessor(LogitsProcessor):
     """Mask logits so generated answers always parse in strict mode.
 
@@ -514,9 +721,17 @@ class TRPLogitsProcessor(LogitsProcessor):
         self._sample_vrt = (
             [] if vrt_mask is None else [allow_vrt and bool(r.any()) for r in vrt_mask]
         )
+        self._num_vrt = 0 if vrt_mask is None else vrt_mask.shape[1]
         self._prompt_len: int | None = None
-        self._rows: dict[tuple[int, ...], _Row] = {}
-        self._vrt_on: dict[torch.device, torch.Tensor] = {}
+        # The previous call: its input_ids, the rows' parser values and (once a step could not
+        # follow the rows one to one, e.g. beams reordered them) their generated tokens.
+        self._prev: torch.Tensor | None = None
+        self._prev_rows: list[_Row] = []
+        self._prev_keys: list[tuple[bool, tuple[int, ...]]] | None = None
+        # Plans of rows that may point at a VRT, per (mask, sample, open run, width).
+        self._vrt_plans: dict[tuple[int, int, tuple[int, ...], int], tuple[_RowMask, _Plan]] = {}
+        self._forced_plans: dict[int, _Plan] = {}
+        self._checked: tuple[int, int] | None = None
         self._spare: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ warm-up
@@ -545,7 +760,7 @@ class TRPLogitsProcessor(LogitsProcessor):
         if row.state is None:
             return row
         if token in self.eos:
-            return _Row(None)
+            return _FINISHED
         forced = row.forced[1:] if row.forced and row.forced[0] == token else ()
         try:
             state = row.state.feed(self.vocab.piece(token))
@@ -556,14 +771,96 @@ class TRPLogitsProcessor(LogitsProcessor):
             ) from err
         return _Row(state, forced)
 
-    def _row(self, gen: tuple[int, ...], sample: int) -> _Row:
-        parent = self._rows.get(gen[:-1]) if gen else None
-        if parent is not None:
-            return self._advance(parent, gen[-1])
-        row = _Row(self._initial[self._has_vrt(sample)])
-        for t in gen:
-            row = self._advance(row, t)
-        return row
+    def _resolve(self, input_ids: torch.Tensor, per_sample: int) -> list[_Row]:
+        """Each row's parser value. The common step appends one token to every row of the
+        previous call, in the same order: checked with one comparison of the history, then only
+        the new column is read. Otherwise (beams reordered the rows, a first call) rows are
+        matched to the previous ones by their generated tokens, or replayed."""
+        rows, length = input_ids.shape
+        prev = self._prev
+        if (
+            prev is not None
+            and prev.shape[0] == rows
+            and prev.shape[1] == length - 1
+            and prev.device == input_ids.device
+            # A buffer written in place (a view of one storage each step) may have changed
+            # under ``prev``: compare only distinct tensors.
+            and prev.untyped_storage().data_ptr() != input_ids.untyped_storage().data_ptr()
+            and torch.equal(input_ids[:, :-1], prev)
+        ):
+            last = input_ids[:, -1].tolist()
+            advance = self._advance
+            now = [advance(row, t) for row, t in zip(self._prev_rows, last)]
+            # The rows' tokens are not kept (that would copy the history each step): a later
+            # step that cannot follow the rows one to one replays them once.
+            self._prev, self._prev_keys = input_ids, None
+            return now
+        generated = input_ids[:, self._prompt_len :].tolist()
+        keys = [(self._has_vrt(r // per_sample), tuple(g)) for r, g in enumerate(generated)]
+        parents: dict[tuple[bool, tuple[int, ...]], _Row] = {}
+        if prev is not None and self._prev_keys is not None and prev.shape[1] == length - 1:
+            parents = dict(zip(self._prev_keys, self._prev_rows))
+        seen: dict[tuple[bool, tuple[int, ...]], _Row] = {}
+        now = []
+        for key in keys:
+            row = seen.get(key)
+            if row is None:
+                has_vrt, gen = key
+                parent = parents.get((has_vrt, gen[:-1])) if gen else None
+                if parent is not None:
+                    row = self._advance(parent, gen[-1])
+                else:
+                    row = _Row(self._initial[has_vrt])
+                    for t in gen:
+                        row = self._advance(row, t)
+                seen[key] = row
+            now.append(row)
+        self._prev, self._prev_keys = input_ids, keys
+        return now
+
+    def _check(self, rows: int, width: int) -> int:
+        """Validate the shapes (once per layout); returns the rows per sample."""
+        base = self.vocab.vrt_base
+        if width < base + self._num_vrt:
+            raise ValueError(f"scores have {width} columns, VRTs need {base + self._num_vrt}")
+        per_sample = 1
+        if self.vrt_mask is not None:
+            if rows % self.vrt_mask.shape[0]:
+                raise ValueError(f"{rows} rows do not divide into {self.vrt_mask.shape[0]} samples")
+            per_sample = rows // self.vrt_mask.shape[0]
+        self._checked = (rows, width)
+        self._per_sample = per_sample
+        return per_sample
+
+    def _plan(self, rm: _RowMask, sample: int, state: ScanState, width: int) -> _Plan:
+        """The full-width plan of a row: ``rm`` for the text, the row's own patches outside the
+        open run for the VRTs (when ``rm`` allows one), nothing for the padded columns."""
+        n, base, num_vrt = self.table.size, self.vocab.vrt_base, self._num_vrt
+        if not (rm.vrt and num_vrt and self._has_vrt(sample)):
+            layout = (width, base, num_vrt)
+            plan = rm.plans.get(layout)
+            if plan is None:
+                plan = rm.plans[layout] = _plan_of(rm, n, base, num_vrt, width, None)
+            return plan
+        run = state.triplet.run
+        key = (id(rm), sample, run, width)
+        hit = self._vrt_plans.get(key)
+        if hit is not None and hit[0] is rm:
+            return hit[1]
+        assert self.vrt_mask is not None
+        patches = self.vrt_mask[sample].clone()
+        inside = [k for k in run if k < num_vrt]
+        if inside:
+            patches[inside] = False  # no patch twice within a run
+        plan = _plan_of(rm, n, base, num_vrt, width, patches)
+        self._vrt_plans[key] = (rm, plan)
+        return plan
+
+    def _forced_plan(self, token: int) -> _Plan:
+        plan = self._forced_plans.get(token)
+        if plan is None:
+            plan = self._forced_plans[token] = _Plan(False, torch.tensor([token]))
+        return plan
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows, length = input_ids.shape
@@ -571,123 +868,94 @@ class TRPLogitsProcessor(LogitsProcessor):
             self._prompt_len = length
         if length < self._prompt_len:
             raise RuntimeError("TRPLogitsProcessor is bound to one generate call; create a new one")
-        vocab_size = scores.shape[1]
-        base = self.vocab.vrt_base
-        n = self.table.size
-        num_vrt = 0 if self.vrt_mask is None else self.vrt_mask.shape[1]
-        if vocab_size < base + num_vrt:
-            raise ValueError(f"scores have {vocab_size} columns, VRTs need {base + num_vrt}")
-        per_sample = 1
-        if self.vrt_mask is not None:
-            if rows % self.vrt_mask.shape[0]:
-                raise ValueError(f"{rows} rows do not divide into {self.vrt_mask.shape[0]} samples")
-            per_sample = rows // self.vrt_mask.shape[0]
+        width = scores.shape[1]
+        if self._checked == (rows, width):
+            per_sample = self._per_sample
+        else:
+            per_sample = self._check(rows, width)
         budget = math.inf
         if self.max_new_tokens is not None:
             budget = self.max_new_tokens - (length - self._prompt_len)
-        generated = input_ids[:, self._prompt_len :].tolist()
-        out = scores if self.inplace else self._output(scores)
-        device = scores.device
-        now: dict[tuple[int, ...], _Row] = {}
-        # Rows sharing a state (and budget) share one row mask: apply each mask once to all its
-        # rows, so the tensor work per step grows with the number of distinct states, not rows.
-        groups: dict[int, tuple[_RowMask, list[int]]] = {}
-        vrt_rows: list[tuple[int, int, ScanState]] = []
-        no_vrt: list[int] = []
-        active: list[int] = []
-        for r, g in enumerate(generated):
-            key = tuple(g)
-            sample = r // per_sample
-            row = now.get(key) or self._row(key, sample)
-            now[key] = row
-            if row.state is None:
-                continue  # finished rows are padded by generate; leave them alone
+        now = self._resolve(input_ids, per_sample)
+        self._prev_rows = now
+        entry, table, tok = self.tables.entry, self.table, self.tokenizer
+        # One plan per row; consecutive rows with the same plan are masked as one block.
+        plans: list[_Plan | None] = []
+        copy = False  # does any row keep scores (finished or deny rows): then copy them first
+        for r, row in enumerate(now):
+            state = row.state
+            if state is None:
+                plans.append(None)  # finished rows are padded by generate; leave them alone
+                copy = True
+                continue
             if not row.forced:
-                rm = self.tables.entry(row.state, self.tokenizer).mask(budget, self.table)
-                if rm.empty:
+                rm = entry(state, tok).mask(budget, table)
+                plan = None if rm.empty else self._plan(rm, r // per_sample, state, width)
+                if plan is None or plan.empty:
                     # Re-tokenising the completion cost more than planned: force it verbatim.
-                    comp = row.state.completion(self._fill(sample))
-                    row = now[key] = _Row(row.state, tuple(self._encode(comp)))
-            if row.forced:
-                line = out[r]
-                t = row.forced[0]
-                keep = line[t].clone()
-                line.fill_(_NEG)
-                line[t] = keep
-                continue
-            active.append(r)
-            groups.setdefault(id(rm), (rm, []))[1].append(r)
-            if num_vrt:
-                if rm.vrt and self._has_vrt(sample):
-                    vrt_rows.append((r, sample, row.state))
+                    comp = state.completion(self._fill(r // per_sample))
+                    row = now[r] = _Row(state, tuple(self._encode(comp)))
                 else:
-                    no_vrt.append(r)
-        self._rows = now
-        for rm, rs in groups.values():
-            ids = rm.ids_on(device)
-            if len(rs) == 1:
-                line = out[rs[0]]
-                if rm.deny:
-                    line[:n].index_fill_(0, ids, _NEG)
-                else:
-                    keep = line[ids]  # advanced indexing copies: safe to overwrite the row next
-                    line[:n].fill_(_NEG)
-                    line[ids] = keep
-                continue
-            at = torch.tensor(rs, device=device)
-            if rm.deny:
-                out[at[:, None], ids[None, :]] = _NEG
-            else:
-                keep = out[at[:, None], ids[None, :]]
-                out[at, :n] = _NEG
-                out[at[:, None], ids[None, :]] = keep
-        if not active:
-            return out
-        every = len(active) == rows
-        at = None if every else torch.tensor(active, device=device)
-        for lo, hi in ((n, base), (base + num_vrt, vocab_size)):
-            if hi > lo:  # ids that are neither text nor this call's VRTs (padded embeddings)
-                if every:
-                    out[:, lo:hi] = _NEG
-                else:
-                    out[at, lo:hi] = _NEG
-        if no_vrt:
-            out[torch.tensor(no_vrt, device=device), base : base + num_vrt] = _NEG
-        for r, sample, state in vrt_rows:
-            out[r, base : base + num_vrt].masked_fill_(
-                self._not_patches(sample, state, device), _NEG
-            )
+                    plans.append(plan)
+                    copy = copy or plan.deny
+                    continue
+            plans.append(self._forced_plan(row.forced[0]))
+        device = scores.device
+        if self.inplace:
+            out = scores
+        elif copy:
+            out = self._output(scores, copy=True)
+        else:
+            # Every row keeps only a few ids: write -inf and those, never copying the rest.
+            out = self._output(scores, copy=False)
+            out.fill_(_NEG)
+            if rows == 1:
+                ids = plans[0].ids_on(device)  # type: ignore[union-attr]
+                return out.index_copy_(1, ids, scores.index_select(1, ids))
+        if rows == 1:
+            plan = plans[0]
+            if plan is None:
+                return out
+            ids = plan.ids_on(device)
+            if plan.deny:
+                return out.index_fill_(1, ids, _NEG)
+            keep = out.index_select(1, ids)
+            return out.fill_(_NEG).index_copy_(1, ids, keep)
+        r = 0
+        while r < rows:
+            plan = plans[r]
+            end = r + 1
+            while end < rows and plans[end] is plan:
+                end += 1
+            if plan is not None:
+                ids = plan.ids_on(device)
+                block = out[r:end]
+                if plan.deny:
+                    block.index_fill_(1, ids, _NEG)
+                elif copy or self.inplace:
+                    keep = block.index_select(1, ids)
+                    block.fill_(_NEG).index_copy_(1, ids, keep)
+                else:  # already -inf everywhere
+                    block.index_copy_(1, ids, scores[r:end].index_select(1, ids))
+            r = end
         return out
 
-    def _output(self, scores: torch.Tensor) -> torch.Tensor:
-        """A copy of ``scores`` to mask. On CPU a fresh copy costs more than the masking (a large
-        allocation is fresh memory, page-faulted in: ~1-10 ms at 16 x 150k), so the buffer of an
-        earlier step is reused once nothing but this processor refers to it any more — the
-        caller dropped it and no view of it lives (``generate`` keeps only the latest output
-        unless ``output_scores``, and then keeps them all, so none is reused)."""
+    def _output(self, scores: torch.Tensor, *, copy: bool) -> torch.Tensor:
+        """A tensor shaped like ``scores`` to write the output into (``copy``: holding a copy
+        of them). On CPU a fresh tensor costs more than the masking (a large allocation is
+        fresh memory, page-faulted in: ~1-10 ms at 16 x 150k), so the buffer of an earlier
+        step is reused once nothing but this processor refers to it any more — the caller
+        dropped it and no view of it lives (``generate`` keeps only the latest output unless
+        ``output_scores``, and then keeps them all, so none is reused)."""
         if scores.device.type == "cpu" and _storage_uses is not None:
             for i in range(len(self._spare)):  # by index: a loop variable would be a reference
                 if _only_ours(self._spare, i, scores):
-                    return self._spare[i].copy_(scores)
-            out = scores.clone()
+                    return self._spare[i].copy_(scores) if copy else self._spare[i]
+            out = scores.clone() if copy else torch.empty_like(scores)
             # Two buffers alternate: the caller still holds the last step's output.
             self._spare = [*self._spare[-1:], out]
             return out
-        return scores.clone()
-
-    def _not_patches(self, sample: int, state: ScanState, device: torch.device) -> torch.Tensor:
-        """``Tensor[num_vrt] bool``: what the row may not point at — patches of other images and
-        those already in the open run."""
-        other = self._vrt_on.get(device)
-        if other is None:
-            assert self.vrt_mask is not None
-            other = self._vrt_on[device] = ~self.vrt_mask.to(device)
-        run = [k for k in state.triplet.run if k < other.shape[1]]
-        if not run:
-            return other[sample]
-        banned = other[sample].clone()
-        banned[run] = True
-        return banned
+        return scores.clone() if copy else torch.empty_like(scores)
 
     def _fill(self, sample: int) -> int:
         if self.vrt_mask is None or not bool(self.vrt_mask[sample].any()):
