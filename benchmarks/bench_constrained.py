@@ -4,11 +4,15 @@ Byte-level BPE tokenizers of 2k, 32k and 150k tokens are trained offline on gene
 (cached under ``~/.cache/trp/bench_tokenizers``), with Qwen2.5-VL's special tokens and the TRP
 tokens added. Typical answers (a VRT run, two ``<REF>`` triplets, a grounded caption) are
 teacher-forced through the processor, one ``generate``-like call per repetition with a fresh
-processor, at several batch sizes. Reported: the median time of a decoding step (and per
+processor, at several batch sizes (the input ids grow by one column per step as ``generate``
+builds them, a new tensor each step). Reported: the median time of a decoding step (and per
 generated token: step / batch), the first step of a call, and the one-time preparation per
-tokenizer. When ``xgrammar`` is installed (``pip install trp[bench]``) the same answers go
+tokenizer — cold (reading every token, then saved to the disk cache) and from the disk cache (a
+later process). When ``xgrammar`` is installed (``pip install trp[bench]``) the same answers go
 through its matcher on an equivalent EBNF (free text without ``<``; it cannot express own-image
-VRTs, unrepeated patches, slot numbering or the length budget, so its task is easier).
+VRTs, unrepeated patches, slot numbering or the length budget, so its task is easier); it masks
+in place, so it compares with trp's in-place mode, and "xgrammar + copy" (the scores cloned
+first, as when the raw logits are kept) with trp's copy mode.
 
 Usage: ``python benchmarks/bench_constrained.py [--quick]``; writes
 ``benchmarks/results/constrained.json`` and ``.md`` (``constrained.quick.*`` with ``--quick``).
@@ -23,6 +27,7 @@ import os
 import platform
 import random
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -154,16 +159,28 @@ def _trp_call(tok, vocab, ids, mask, prompt_len, scores, inplace: bool = False) 
         inplace=inplace,
     )
     times = []
+    cur = ids[:, :prompt_len].clone()
     for t in range(prompt_len, ids.shape[1]):
         logits = scores.clone() if inplace else scores  # in place writes into it: not timed
         t0 = time.perf_counter()
-        out = proc(ids[:, :t], logits)
+        out = proc(cur, logits)
         times.append(time.perf_counter() - t0)
         nxt = ids[:, t]
         done = ids[:, prompt_len:t].eq(eos).any(1)
         # The teacher-forced token must be allowed (else the answers or the processor are wrong).
         assert bool(torch.isfinite(out.gather(1, nxt[:, None])).squeeze(1)[~done].all())
+        cur = torch.cat([cur, nxt[:, None]], dim=1)  # as generate: a new tensor each step
     return times
+
+
+def _prepare(size: int, cache_dir: str) -> float:
+    """Seconds to read a fresh tokenizer object's token texts and classes (memory caches empty;
+    the disk cache in ``cache_dir`` as it is)."""
+    tok = bpe_tokenizer(size)
+    t0 = time.perf_counter()
+    vocab = vocab_of(tok, cache_dir=cache_dir)
+    prepare_tokens(tok, eos_token_id=tok.eos_token_id, vocab=vocab, cache_dir=cache_dir)
+    return time.perf_counter() - t0
 
 
 def _xgrammar_setup(vocab: TokenVocab, eos: int):
@@ -177,16 +194,19 @@ def _xgrammar_setup(vocab: TokenVocab, eos: int):
     return compiled, time.perf_counter() - t0
 
 
-def _xgrammar_call(compiled, ids, prompt_len, scores, eos: int) -> list[float]:
+def _xgrammar_call(compiled, ids, prompt_len, scores, eos: int, copy: bool = False) -> list[float]:
     import xgrammar as xgr
 
     rows = ids.shape[0]
     matchers = [xgr.GrammarMatcher(compiled) for _ in range(rows)]
     bitmask = xgr.allocate_token_bitmask(rows, scores.shape[1])
     times = []
+    buffer = torch.empty_like(scores)
     for t in range(prompt_len, ids.shape[1]):
-        logits = scores.clone()  # apply_token_bitmask_inplace writes into it: not timed
+        logits = buffer if copy else scores.clone()  # in place writes into it: not timed
         t0 = time.perf_counter()
+        if copy:
+            logits.copy_(scores)  # keeping the raw scores, as trp's copy mode does
         for r, m in enumerate(matchers):
             if t > prompt_len and not m.is_terminated():
                 assert m.accept_token(int(ids[r, t - 1]))
@@ -229,11 +249,12 @@ def run(quick: bool) -> dict:
         t0 = time.perf_counter()
         bpe_tokenizer(size)  # train or load the cached one (not part of the preparation)
         train_s = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as cache_dir:
+            tokens_s = _prepare(size, cache_dir)  # cold: built, then saved to the disk cache
+            disk_s = statistics.median(_prepare(size, cache_dir) for _ in range(3))
         tok = bpe_tokenizer(size)  # a fresh object: nothing of it is cached yet
-        t0 = time.perf_counter()
-        vocab = vocab_of(tok)
-        prepare_tokens(tok, eos_token_id=tok.eos_token_id, vocab=vocab)
-        tokens_s = time.perf_counter() - t0
+        vocab = vocab_of(tok, cache_dir=False)
+        prepare_tokens(tok, eos_token_id=tok.eos_token_id, vocab=vocab, cache_dir=False)
         ids, mask, prompt_len = _batch(tok, vocab, max(batches))
         scores_all = torch.randn(ids.shape[0], vocab.vrt_base + NUM_VRT)
         # Cold: a call with empty per-state tables (each new state is probed on the way).
@@ -250,8 +271,15 @@ def run(quick: bool) -> dict:
             xgr_compiled, xgr_prep = _xgrammar_setup(vocab, tok.eos_token_id)
         for rows in batches:
             sub = (ids[:rows], mask[:rows], prompt_len, scores_all[:rows])
-            calls = [_trp_call(tok, vocab, *sub) for _ in range(repeats)]
-            in_place = [_trp_call(tok, vocab, *sub, inplace=True) for _ in range(repeats)]
+            # The sides alternate call by call, so load from other processes hits them alike.
+            calls, in_place, xcalls, xcopy = [], [], [], []
+            for _ in range(repeats):
+                calls.append(_trp_call(tok, vocab, *sub))
+                in_place.append(_trp_call(tok, vocab, *sub, inplace=True))
+                if xgr_compiled is not None:
+                    x_args = (xgr_compiled, ids[:rows], prompt_len, sub[3], tok.eos_token_id)
+                    xcalls.append(_xgrammar_call(*x_args))
+                    xcopy.append(_xgrammar_call(*x_args, copy=True))
             row = {
                 "vocab": len(tok),
                 "batch": rows,
@@ -259,6 +287,7 @@ def run(quick: bool) -> dict:
                 "trp_inplace": _summary(in_place, rows),
                 "prepare_s": {
                     "tokens": tokens_s,
+                    "tokens_disk_cached": disk_s,
                     "warm_states": warm_s,
                     "states": states,
                     "tokenizer_training_or_load": train_s,
@@ -266,38 +295,38 @@ def run(quick: bool) -> dict:
                 "cold_first_ms": cold[0] * 1e3,
                 "cold_call_ms": sum(cold) * 1e3,
                 "answer_tokens": ids.shape[1] - prompt_len,
+                "load_average_1min": os.getloadavg()[0],
             }
             if xgr_compiled is not None:
-                xcalls = [
-                    _xgrammar_call(xgr_compiled, ids[:rows], prompt_len, sub[3], tok.eos_token_id)
-                    for _ in range(repeats)
-                ]
                 row["xgrammar"] = {**_summary(xcalls, rows), "prepare_s": xgr_prep}
+                row["xgrammar_copy"] = _summary(xcopy, rows)
             rows_out.append(row)
             print(_line(row), flush=True)
     return {"quick": quick, "rows": rows_out}
 
 
 _HEAD = (
-    "| vocab | batch | trp step ms (p90) | trp ms/token | trp first ms | trp in-place step ms | "
-    "cold first ms | prep s (tokens + states) | xgrammar step ms | xgrammar ms/token | "
-    "xgrammar first ms | xgrammar prep s |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| vocab | batch | trp step ms (p90) | trp ms/token | trp first ms | trp in-place ms/token | "
+    "cold first ms | prep s: cold (tokens + states) | prep s: disk cache | "
+    "xgrammar step ms | xgrammar ms/token | xgrammar + copy ms/token | xgrammar first ms | "
+    "xgrammar prep s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def _line(r: dict) -> str:
-    t, p = r["trp"], r["prepare_s"]
-    x = r.get("xgrammar")
+    t, ti, p = r["trp"], r["trp_inplace"], r["prepare_s"]
+    x, xc = r.get("xgrammar"), r.get("xgrammar_copy")
     xs = (
-        f"{x['step_ms']:.3f} | {x['token_ms']:.3f} | {x['first_ms']:.3f} | {x['prepare_s']:.2f}"
-        if x
-        else "n/a | n/a | n/a | n/a"
+        f"{x['step_ms']:.3f} | {x['token_ms']:.3f} | {xc['token_ms']:.3f} | "
+        f"{x['first_ms']:.3f} | {x['prepare_s']:.2f}"
+        if x and xc
+        else "n/a | n/a | n/a | n/a | n/a"
     )
     return (
         f"| {r['vocab']} | {r['batch']} | {t['step_ms']:.3f} ({t['step_p90_ms']:.3f}) | "
-        f"{t['token_ms']:.3f} | {t['first_ms']:.3f} | {r['trp_inplace']['step_ms']:.3f} | "
+        f"{t['token_ms']:.3f} | {t['first_ms']:.3f} | {ti['token_ms']:.3f} | "
         f"{r['cold_first_ms']:.1f} | "
-        f"{p['tokens']:.2f} + {p['warm_states']:.2f} | {xs} |"
+        f"{p['tokens']:.2f} + {p['warm_states']:.2f} | {p['tokens_disk_cached']:.2f} | {xs} |"
     )
 
 
@@ -339,8 +368,13 @@ def main() -> None:
         f"{'2' if args.quick else '9'} calls of the teacher-forced answers. 'step': one "
         "processor call for the whole batch; 'ms/token': step / batch; 'first': the first step "
         "of a call once the tokenizer is prepared; 'cold first': the same with empty per-state "
-        "tables. xgrammar: matcher accept + fill per row and apply_token_bitmask_inplace, on an "
-        "easier EBNF (no own-image VRTs, repeats, slot numbers or length budget).",
+        "tables; 'in-place': scores masked in place (model.generate's default), else a copy "
+        "(kept raw logits). 'prep cold': a fresh tokenizer's token texts and classes built and "
+        "saved to the disk cache; 'disk cache': the same loaded in a later process (fresh "
+        "tokenizer object). xgrammar: matcher accept + fill per row and "
+        "apply_token_bitmask_inplace (in place, so it compares with trp in-place; '+ copy' "
+        "clones the scores first, as trp's copy mode), on an easier EBNF (no own-image VRTs, "
+        "repeats, slot numbers or length budget).",
         "",
         _HEAD,
         *(_line(r) for r in result["rows"]),
