@@ -305,10 +305,52 @@ def test_predictions_and_targets_for_the_evaluator() -> None:
 def test_train_unified_rejects_what_it_cannot_train(tmp_path) -> None:
     from trp.recipes import compose, train_unified
 
-    (tmp_path / "config.json").write_text("{}")
-    cfg = compose(["recipe=shapes_unified", "model=hf_vlm", f"model.pretrained_dir={tmp_path}"])
-    with pytest.raises(ValueError, match="hf_vlm"):
-        train_unified(cfg)
     cfg = compose(["recipe=shapes_unified", "data=shapes"])
     with pytest.raises(ValueError, match="data=shapes_unified"):
         train_unified(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_train_unified_with_a_hf_vlm(tmp_path, family: str) -> None:
+    """model=hf_vlm: the processor's chat template and token grid, every unit's head, the
+    visual prompts spliced into the HF VLM's embeddings, its own generate."""
+    import json
+
+    from trp.models.tiny_hf import save_tiny_vlm
+    from trp.recipes import compose, train_unified
+
+    directory = save_tiny_vlm(family, tmp_path / family)
+    small_heads = [
+        f"model.heads.{unit}.{key}={value}"
+        for unit in ("box", "mask", "keypoint", "depth")
+        for key, value in (("d_model", 32), ("n_heads", 2))
+    ] + [f"model.heads.{u}.dim_feedforward=64" for u in ("box", "mask", "keypoint")]
+    cfg = compose(
+        [
+            "recipe=shapes_unified",
+            "model=hf_vlm",
+            f"model.pretrained_dir={directory}",
+            "model.image_size=112",
+            "model.prototype_rank=8",
+            *small_heads,
+            "trainer.max_steps=2",
+            "trainer.enable_progress_bar=false",
+            "trainer.precision=32-true",
+            "data.train_size=16",
+            "data.eval_size=9",
+            "data.batch_size=9",
+            "eval.batch_size=9",
+            "eval.max_new_tokens=16",
+            "eval.num_overlays=1",
+            "data.targets.rec=vrt",
+            f"output_dir={tmp_path / 'run'}",
+        ]
+    )
+    summary = train_unified(cfg)
+    assert summary["steps"] == 2
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "rec/ACC@0.5" in saved["metrics"] and "caption/CIDEr" in saved["metrics"]
+    assert (tmp_path / "run" / "checkpoint" / "prompt_encoder.safetensors").is_file()
+    assert len(json.loads((tmp_path / "run" / "predictions.json").read_text())) == 9

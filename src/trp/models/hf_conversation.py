@@ -43,6 +43,7 @@ def encode_hf_conversations(
     answers: Sequence[str] | None = None,
     *,
     vocab: TokenVocab | None = None,
+    text_first: bool = False,
 ) -> dict[str, Any]:
     """Encode one image and one user prompt per sample, and optionally the answers.
 
@@ -54,6 +55,8 @@ def encode_hf_conversations(
         answers: TRP answers (training: right-padded full conversations with ``labels`` and
             ``parses``); ``None`` (generation): left-padded prompts.
         vocab: the tokenizer's :class:`TokenVocab` (default: built from it).
+        text_first: the prompt before the image in the user turn (in a causal LM the image
+            tokens then read the instruction); default: the image first.
     Returns:
         ``input_ids``, ``attention_mask`` [B, L]; ``pixel_values`` and ``image_inputs`` (the
         processor's other tensors: image ones such as ``image_grid_thw``, and per-token ones
@@ -77,9 +80,8 @@ def encode_hf_conversations(
     extra: dict[str, list[Tensor]] = {}
     token_inputs: dict[str, list[list[int]]] = {}
     for i, (image, prompt) in enumerate(zip(images, prompts)):
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
-        ]
+        content: list[dict[str, str]] = [{"type": "image"}, {"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content[::-1] if text_first else content}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         enc = processor(text=[text], images=[image], return_tensors="pt")
         prompt_ids = enc["input_ids"][0].tolist()

@@ -275,6 +275,11 @@ class ReferringCollator:
         return {"input_ids": input_ids, "attention_mask": attention, "answer_prefix": prefixes}
 
 
+def uint8_images(images: torch.Tensor) -> list[torch.Tensor]:
+    """``[B, 3, H, W]`` floats in [0, 1] -> one uint8 image per sample, as processors take them."""
+    return [(img.clamp(0, 1) * 255).round().to(torch.uint8) for img in images]
+
+
 class HFReferringCollator(ReferringCollator):
     """:class:`ReferringCollator` for a Hugging Face VLM: the host's processor applies its chat
     template and image processing (:func:`trp.models.hf_conversation.encode_hf_conversations`);
@@ -287,14 +292,16 @@ class HFReferringCollator(ReferringCollator):
         super().__init__(tokenizer=processor.tokenizer, **kwargs)
         self.processor = processor
 
-    def _uint8(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return [(img.clamp(0, 1) * 255).round().to(torch.uint8) for img in images]
-
     def _encode(self, images, prompts, answers=None) -> dict[str, Any]:
         from trp.models.hf_conversation import encode_hf_conversations
 
         return encode_hf_conversations(
-            self.processor, self._uint8(images), prompts, answers, vocab=self.vocab
+            self.processor,
+            uint8_images(images),
+            prompts,
+            answers,
+            vocab=self.vocab,
+            text_first=self.prompt_first,
         )
 
     def _answers(

@@ -226,9 +226,13 @@ class ReferringDataModule(L.LightningDataModule):
     def transfer_batch_to_device(
         self, batch: dict, device: torch.device, dataloader_idx: int
     ) -> dict:
-        # Only the top-level tensors move: parses are frozen dataclasses Lightning cannot walk,
-        # and the robust-loss bookkeeping is consumed on the host.
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        # Only the top-level tensors and the processor's image inputs move: parses are frozen
+        # dataclasses Lightning cannot walk, and the robust-loss bookkeeping is consumed on
+        # the host.
+        out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if "image_inputs" in out:
+            out["image_inputs"] = {k: v.to(device) for k, v in out["image_inputs"].items()}
+        return out
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

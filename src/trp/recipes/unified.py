@@ -46,7 +46,7 @@ from trp.losses import (
 )
 from trp.metrics import UnifiedEvaluator
 from trp.models.trp_model import TRPForConditionalGeneration, TRPOutput
-from trp.recipes.conversation import pad_conversations
+from trp.recipes.conversation import pad_conversations, uint8_images
 from trp.recipes.data import ReferringDataModule
 from trp.recipes.module import WarmupCosine, adamw_warmup_cosine
 from trp.recipes.overlays import draw_task_overlay
@@ -203,7 +203,7 @@ class UnifiedCollator:
             out.update(self._answers(batch))
             out["targets"] = self._targets(batch)
         else:
-            out.update(self._prompts(batch["prompt"]))
+            out.update(self._prompts(batch))
         return out
 
     def _answers(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -217,18 +217,27 @@ class UnifiedCollator:
                 self.tokenizer, messages, vocab=self.vocab, template=self.template
             )
             encoded.append(enc)
-            parse = enc.answers[0]
-            positions = [
-                p
-                for triplet, pos in zip(parse.triplets, parse.positions or ())
-                for target, tp in zip(triplet.targets, pos)
-                if target.kind == "vrt"
-                for p in tp
-            ]
-            allowed = [target_patches(mask_coverage(m, self.grid)) for m in batch["masks"][i]]
-            union = torch.cat(allowed).unique() if allowed else torch.zeros(0, dtype=torch.long)
-            objects.append((positions, union))
-        return {**pad_conversations(encoded, self.pad_id), "objects": objects}
+            objects.append(self.objects(enc.answers[0], batch["masks"][i]))
+        return {
+            **pad_conversations(encoded, self.pad_id),
+            "pixel_values": batch["image"],
+            "image_inputs": {},
+            "objects": objects,
+        }
+
+    def objects(self, parse: ParseResult, masks: Tensor) -> tuple[list[int], Tensor]:
+        """For the robust token loss: the answer's VRT label positions, and the patches any of
+        the sample's objects (``masks`` [N, H, W]) covers."""
+        positions = [
+            p
+            for triplet, pos in zip(parse.triplets, parse.positions or ())
+            for target, tp in zip(triplet.targets, pos)
+            if target.kind == "vrt"
+            for p in tp
+        ]
+        allowed = [target_patches(mask_coverage(m, self.grid)) for m in masks]
+        union = torch.cat(allowed).unique() if allowed else torch.zeros(0, dtype=torch.long)
+        return positions, union
 
     def _targets(self, batch: dict[str, Any]) -> dict[str, dict[str, Tensor]]:
         """unit -> criterion targets of the whole batch, each with its ``group``."""
@@ -247,8 +256,8 @@ class UnifiedCollator:
                     dst.setdefault(key, []).append(value)
         return {unit: {k: torch.cat(v) for k, v in d.items()} for unit, d in parts.items()}
 
-    def _prompts(self, prompts: Sequence[str]) -> dict[str, Any]:
-        ids = [self.prompt_ids(p) for p in prompts]
+    def _prompts(self, batch: dict[str, Any]) -> dict[str, Any]:
+        ids = [self.prompt_ids(p) for p in batch["prompt"]]
         length = max(len(p) for p in ids)
         b = len(ids)
         input_ids = torch.full((b, length), self.pad_id, dtype=torch.long)
@@ -256,7 +265,45 @@ class UnifiedCollator:
         for i, p in enumerate(ids):
             input_ids[i, length - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention[i, length - len(p) :] = 1
-        return {"input_ids": input_ids, "attention_mask": attention}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "pixel_values": batch["image"],
+            "image_inputs": {},
+        }
+
+
+class HFUnifiedCollator(UnifiedCollator):
+    """:class:`UnifiedCollator` for a Hugging Face VLM: its processor applies the chat template
+    and the image processing (:func:`trp.models.hf_conversation.encode_hf_conversations`,
+    the instruction first with ``prompt_first``); ``grid`` is the processor's token grid
+    (:func:`trp.models.hf_conversation.token_grid`). ``pixel_values`` and ``image_inputs``
+    are the processor's."""
+
+    def __init__(self, *, processor: Any, **kwargs: Any) -> None:
+        super().__init__(tokenizer=processor.tokenizer, **kwargs)
+        self.processor = processor
+
+    def _encode(self, batch: dict[str, Any], answers: Sequence[str] | None) -> dict[str, Any]:
+        from trp.models.hf_conversation import encode_hf_conversations
+
+        prompts = [expand_vpt(p, self.num_prompt_tokens) for p in batch["prompt"]]
+        return encode_hf_conversations(
+            self.processor,
+            uint8_images(batch["image"]),
+            prompts,
+            answers,
+            vocab=self.vocab,
+            text_first=self.prompt_first,
+        )
+
+    def _answers(self, batch: dict[str, Any]) -> dict[str, Any]:
+        enc = self._encode(batch, batch["answer"])
+        objects = [self.objects(p, m) for p, m in zip(enc["parses"], batch["masks"])]
+        return {**enc, "objects": objects}
+
+    def _prompts(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self._encode(batch, None)
 
 
 # --------------------------------------------------------------------------- prompt splicing
@@ -396,7 +443,11 @@ class UnifiedModule(L.LightningModule):
     def forward_batch(self, batch: dict[str, Any]) -> TRPOutput:
         with self._prompts(batch):
             return self.model(
-                batch["images"], batch["input_ids"], batch["attention_mask"], batch["parses"]
+                batch["pixel_values"],
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["parses"],
+                **batch["image_inputs"],
             )
 
     def losses(self, out: TRPOutput, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -431,14 +482,15 @@ class UnifiedModule(L.LightningModule):
         pixels, ``scores``, ``labels``, ``masks`` bool, ``keypoints`` pixels, ``depth``)."""
         with self._prompts(batch):
             gen = self.model.generate(
-                batch["images"],
+                batch["pixel_values"],
                 batch["input_ids"],
                 batch["attention_mask"],
+                image_inputs=batch["image_inputs"],
                 max_new_tokens=int(self.eval_cfg["max_new_tokens"]),
                 constrained=bool(self.eval_cfg["constrained"]),
             )
         b = batch["images"].shape[0]
-        h, w = self.model.image_size
+        h, w = (int(v) for v in batch["images"].shape[-2:])  # predictions in image pixels
         preds: list[dict[str, Any]] = []
         for i in range(b):
             parse = gen.parses[i]
@@ -629,13 +681,16 @@ class UnifiedDataModule(ReferringDataModule):
         return out
 
 
-def _datasets(cfg: Any) -> tuple[UnifiedShapesDataset, UnifiedShapesDataset]:
+def _datasets(
+    cfg: Any, patch_size: int
+) -> tuple[UnifiedShapesDataset, UnifiedShapesDataset]:
+    """The training and held-out scenes; ``patch_size``: pixels per VRT patch of the host."""
     data = cfg.data
     if data.name != "shapes_unified":
         raise ValueError(f"recipe shapes_unified needs data=shapes_unified, got {data.name!r}")
     kwargs = {
         "image_size": int(cfg.model.image_size),
-        "patch_size": int(cfg.model.patch_size),
+        "patch_size": int(patch_size),
         "mixture": dict(data.mixture),
         "targets": dict(data.targets) or "ref",
         "num_vrt": int(data.num_vrt),
@@ -662,26 +717,36 @@ def train_unified(cfg: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from safetensors.torch import save_model
 
-    from trp.models.build import build_model, build_tokenizer
+    from trp.models.build import build_hf_model, build_model, build_tokenizer
     from trp.recipes.checkpoint import save_checkpoint
     from trp.recipes.run import _setup, _trainer, format_training, training_facts
 
-    if "pretrained_dir" in cfg.model:
-        # The HF hosts' prompts come from their processor's chat template and image tokens
-        # (trp.models.encode_hf_conversations); UnifiedCollator writes the reference VLM's.
-        raise ValueError(
-            "recipe=shapes_unified trains the reference VLM (model=tiny_vlm or "
-            "tiny_vlm_deformable); model=hf_vlm is not supported by this recipe yet"
-        )
     _setup(cfg)
     output_dir = Path(cfg.output_dir)
-    train_set, held_out = _datasets(cfg)
-    tok_cfg = cfg.model.tokenizer
-    texts = (
-        None if tok_cfg.dir else unified_corpus(train_set, num_samples=int(tok_cfg.corpus_samples))
-    )
-    tokenizer = build_tokenizer(tok_cfg, texts)
-    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), tokenizer=tokenizer)
+    size = int(cfg.model.image_size)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if "pretrained_dir" in cfg.model:  # model=hf_vlm: the processor makes prompts and grid
+        from trp.models.hf_conversation import token_grid
+
+        model = build_hf_model(model_cfg)
+        grid = token_grid(model.processor, (size, size))
+        if grid[0] != grid[1] or size % grid[0]:
+            raise ValueError(
+                f"model.image_size={size} gives a {grid} token grid; shapes_unified needs a "
+                "square grid that divides the image (pick a multiple of the VLM's patch size)"
+            )
+        train_set, held_out = _datasets(cfg, size // grid[0])
+        tokenizer = model.tokenizer
+    else:
+        train_set, held_out = _datasets(cfg, int(cfg.model.patch_size))
+        tok_cfg = cfg.model.tokenizer
+        texts = (
+            None
+            if tok_cfg.dir
+            else unified_corpus(train_set, num_samples=int(tok_cfg.corpus_samples))
+        )
+        tokenizer = build_tokenizer(tok_cfg, texts)
+        model = build_model(model_cfg, tokenizer=tokenizer)
     k = int(cfg.data.prompt_tokens)
     module = UnifiedModule(
         model=model,
@@ -691,19 +756,23 @@ def train_unified(cfg: Any) -> dict[str, Any]:
         num_prompt_tokens=k,
         keep_overlays=int(cfg.eval.num_overlays),
     )
-    grid = tuple(s // int(cfg.model.patch_size) for s in (train_set.height, train_set.width))
-    common = {
-        "tokenizer": tokenizer,
-        "grid": grid,
+    common: dict[str, Any] = {
+        "grid": train_set.grid,
         "image_size": (train_set.height, train_set.width),
         "num_prompt_tokens": k,
         "prompt_first": bool(cfg.recipe.prompt_first),
     }
+    if model.processor is not None:
+        collator: type[UnifiedCollator] = HFUnifiedCollator
+        common["processor"] = model.processor
+    else:
+        collator = UnifiedCollator
+        common["tokenizer"] = tokenizer
     datamodule = UnifiedDataModule(
         train=train_set,
         held_out=held_out,
-        train_collate=UnifiedCollator(**common, with_answers=True),
-        eval_collate=UnifiedCollator(**common, with_answers=False),
+        train_collate=collator(**common, with_answers=True),
+        eval_collate=collator(**common, with_answers=False),
         batch_size=int(cfg.data.batch_size),
         eval_batch_size=int(cfg.eval.batch_size),
         num_workers=int(cfg.data.num_workers),
