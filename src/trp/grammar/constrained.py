@@ -730,11 +730,13 @@ class TRPLogitsProcessor(LogitsProcessor):
         self._prev: torch.Tensor | None = None
         self._prev_rows: list[_Row] = []
         self._prev_keys: list[tuple[bool, tuple[int, ...]]] | None = None
+        self._prev_np: Any = None  # a numpy view of ``_prev`` (CPU)
         # Plans of rows that may point at a VRT, per (mask, sample, open run, width).
         self._vrt_plans: dict[tuple[int, int, tuple[int, ...], int], tuple[_RowMask, _Plan]] = {}
         self._forced_plans: dict[int, _Plan] = {}
         self._checked: tuple[int, int] | None = None
-        self._spare: list[torch.Tensor] = []
+        # (buffer, its numpy view, its storage's users while only ours)
+        self._spare: list[tuple[torch.Tensor, Any, int]] = []
 
     # ------------------------------------------------------------------ warm-up
     def warm(self, answers: Iterable[str]) -> int:
@@ -794,10 +796,11 @@ class TRPLogitsProcessor(LogitsProcessor):
             and prev.untyped_storage().data_ptr() != input_ids.untyped_storage().data_ptr()
         ):
             last = None
-            if input_ids.device.type == "cpu" and _NUMPY is not None:
-                # numpy: a few µs less per call than the torch ops, and faster to compare.
-                now_np, prev_np = input_ids.numpy(), prev.numpy()
-                if now_np[:, :-1].tobytes() == prev_np.tobytes():
+            now_np = None
+            if self._prev_np is not None:
+                # numpy (CPU): a few µs less per call than the torch ops, and faster to compare.
+                now_np = input_ids.numpy()
+                if now_np[:, :-1].tobytes() == self._prev_np.tobytes():
                     last = now_np[:, -1].tolist()
             elif torch.equal(input_ids[:, :-1], prev):
                 last = input_ids[:, -1].tolist()
@@ -806,7 +809,7 @@ class TRPLogitsProcessor(LogitsProcessor):
                 now = [advance(row, t) for row, t in zip(self._prev_rows, last)]
                 # The rows' tokens are not kept (that would copy the history each step): a
                 # later step that cannot follow the rows one to one replays them once.
-                self._prev, self._prev_keys = input_ids, None
+                self._prev, self._prev_keys, self._prev_np = input_ids, None, now_np
                 return now
         generated = input_ids[:, self._prompt_len :].tolist()
         keys = [(self._has_vrt(r // per_sample), tuple(g)) for r, g in enumerate(generated)]
@@ -828,8 +831,14 @@ class TRPLogitsProcessor(LogitsProcessor):
                         row = self._advance(row, t)
                 seen[key] = row
             now.append(row)
-        self._prev, self._prev_keys = input_ids, keys
+        self._keep(input_ids, keys)
         return now
+
+    def _keep(
+        self, input_ids: torch.Tensor, keys: list[tuple[bool, tuple[int, ...]]] | None
+    ) -> None:
+        self._prev, self._prev_keys = input_ids, keys
+        self._prev_np = input_ids.numpy() if input_ids.is_cpu and _NUMPY is not None else None
 
     def _check(self, rows: int, width: int) -> int:
         """Validate the shapes (once per layout); returns the rows per sample."""
@@ -913,17 +922,20 @@ class TRPLogitsProcessor(LogitsProcessor):
                     copy = copy or plan.deny
                     continue
             plans.append(self._forced_plan(row.forced[0]))
+        view = None
         if self.inplace:
             out = scores
+            if out.is_cpu and out.dtype in _NUMPY_DTYPES and _NUMPY is not None:
+                view = (out.detach() if out.requires_grad else out).numpy()
         else:
             # Rows that keep only a few ids need no copy of the scores: when none keeps the
             # rest, the output is written as -inf and those ids.
-            out = self._output(scores, copy=copy)
+            out, view = self._output(scores, copy=copy)
         filled = not (copy or self.inplace)
-        if _NUMPY is not None and out.device.type == "cpu" and out.dtype in _NUMPY_DTYPES:
+        if view is not None:
             # On CPU numpy indexing costs a fraction of a torch call (a few µs each) and
             # writes the same values.
-            _apply_numpy(out, scores, plans, filled)
+            _apply_numpy(view, scores, plans, filled)
             return out
         if filled:
             out.fill_(_NEG)
@@ -948,22 +960,30 @@ class TRPLogitsProcessor(LogitsProcessor):
             r = end
         return out
 
-    def _output(self, scores: torch.Tensor, *, copy: bool) -> torch.Tensor:
+    def _output(self, scores: torch.Tensor, *, copy: bool) -> tuple[torch.Tensor, Any]:
         """A tensor shaped like ``scores`` to write the output into (``copy``: holding a copy
-        of them). On CPU a fresh tensor costs more than the masking (a large allocation is
-        fresh memory, page-faulted in: ~1-10 ms at 16 x 150k), so the buffer of an earlier
-        step is reused once nothing but this processor refers to it any more — the caller
-        dropped it and no view of it lives (``generate`` keeps only the latest output unless
-        ``output_scores``, and then keeps them all, so none is reused)."""
-        if scores.device.type == "cpu" and _storage_uses is not None:
-            for i in range(len(self._spare)):  # by index: a loop variable would be a reference
-                if _only_ours(self._spare, i, scores):
-                    return self._spare[i].copy_(scores) if copy else self._spare[i]
+        of them), and a numpy view of it (None: none kept). On CPU a fresh tensor costs more
+        than the masking (a large allocation is fresh memory, page-faulted in: ~1-10 ms at
+        16 x 150k), so the buffer of an earlier step is reused once nothing but this processor
+        refers to it any more — the caller dropped it and no view of it lives (``generate``
+        keeps only the latest output unless ``output_scores``, and then keeps them all, so none
+        is reused)."""
+        if scores.is_cpu and _storage_uses is not None:
+            spare = self._spare
+            for i in range(len(spare)):  # by index: a loop variable would be a reference
+                if _only_ours(spare, i, scores):
+                    out, view, _ = spare[i]
+                    return (out.copy_(scores) if copy else out), view
             out = scores.clone() if copy else torch.empty_like(scores)
+            view = None
+            if _NUMPY is not None and out.dtype in _NUMPY_DTYPES and not out.requires_grad:
+                view = out.numpy()
+            # The storage's users while only this processor holds it (the view's base is one).
+            uses = _storage_uses(out.untyped_storage()._cdata) - 1  # type: ignore[misc]
             # Two buffers alternate: the caller still holds the last step's output.
-            self._spare = [*self._spare[-1:], out]
-            return out
-        return scores.clone() if copy else torch.empty_like(scores)
+            self._spare = [*spare[-1:], (out, view, uses)]
+            return out, view
+        return (scores.clone() if copy else torch.empty_like(scores)), None
 
     def _fill(self, sample: int) -> int:
         if self.vrt_mask is None or not bool(self.vrt_mask[sample].any()):
@@ -983,47 +1003,39 @@ except ImportError:  # pragma: no cover - torch and transformers come with numpy
 _NUMPY_DTYPES = (torch.float32, torch.float16, torch.float64)
 
 
-def _apply_numpy(
-    out: torch.Tensor, scores: torch.Tensor, plans: list[_Plan | None], filled: bool
-) -> None:
-    """Apply the row plans to ``out`` (CPU, a numpy dtype) through numpy views of it
-    (``filled``: ``out`` is to be -inf except the plans' ids, taken from ``scores``)."""
-    o = out.detach().numpy()
+def _apply_numpy(o: Any, scores: torch.Tensor, plans: list[_Plan | None], filled: bool) -> None:
+    """Apply the row plans to ``o``, a numpy view of the output (``filled``: it is to be -inf
+    except the plans' ids, taken from ``scores``). One row at a time: a 1-d fancy assignment
+    is the cheapest numpy call."""
     src = scores.detach().numpy() if filled else None
-    if filled:
+    if src is not None:
         o.fill(_NEG)
-    rows = len(plans)
-    r = 0
-    while r < rows:
-        plan = plans[r]
-        end = r + 1
-        while end < rows and plans[end] is plan:
-            end += 1
-        if plan is not None:
-            ids = plan.ids_np
-            block = o if end - r == rows else o[r:end]
-            if plan.deny:
-                block[:, ids] = _NEG
-            elif src is not None:
-                block[:, ids] = src[r:end, ids]
-            else:
-                keep = block[:, ids]  # fancy indexing copies
-                block.fill(_NEG)
-                block[:, ids] = keep
-        r = end
+    for r, plan in enumerate(plans):
+        if plan is None:
+            continue
+        ids = plan.ids_np
+        row = o[r]
+        if plan.deny:
+            row[ids] = _NEG
+        elif src is not None:
+            row[ids] = src[r][ids]
+        else:
+            keep = row[ids]  # fancy indexing copies
+            row.fill(_NEG)
+            row[ids] = keep
 
 
-def _only_ours(spare: list[torch.Tensor], i: int, like: torch.Tensor) -> bool:
-    """Whether ``spare[i]`` is shaped like ``like`` and referenced by nothing but the list: no
-    other Python reference and no other tensor (a view) on its storage."""
-    t = spare[i]
+def _only_ours(spare: list[tuple[torch.Tensor, Any, int]], i: int, like: torch.Tensor) -> bool:
+    """Whether the buffer ``spare[i]`` is shaped like ``like`` and referenced by nothing but
+    this processor: no other Python reference and no other tensor (a view) on its storage."""
+    t, _, uses = spare[i]
     if t.shape != like.shape or t.dtype != like.dtype:
         return False
-    # References: the list, the local ``t`` and getrefcount's argument.
+    # References: the tuple, the local ``t`` and getrefcount's argument.
     if sys.getrefcount(t) != 3:
         return False
-    # Users of the storage: the tensor and the temporary storage object asked.
-    return _storage_uses(t.untyped_storage()._cdata) == 2  # type: ignore[misc]
+    # Users of the storage: ours (the tensor, the numpy view's base) and the temporary asked.
+    return _storage_uses(t.untyped_storage()._cdata) == uses + 1  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------------------------ prefix
