@@ -259,7 +259,21 @@ def test_train_unified_end_to_end_writes_every_task_family(tmp_path) -> None:
     assert sum(saved["metrics"][f"{t}/count"] for t in unified.UNIFIED_TASKS) == 12
     assert len(list((tmp_path / "overlays").glob("*.png"))) == 3
     assert (tmp_path / "checkpoint" / "prompt_encoder.safetensors").is_file()
-    assert len(json.loads((tmp_path / "predictions.json").read_text())) == 12
+    predictions = json.loads((tmp_path / "predictions.json").read_text())
+    assert len(predictions) == 12
+    # examples/evaluate.py on the checkpoint: the same answers and metrics in a fresh model.
+    from trp.recipes import evaluate
+
+    again = evaluate(
+        tmp_path / "checkpoint",
+        compose(
+            ["data=shapes_unified", "data.eval_size=12", "eval.batch_size=12",
+             "eval.max_new_tokens=12", "eval.num_overlays=1", f"output_dir={tmp_path / 'eval'}"],
+            config_name="evaluate",
+        ),
+    )  # fmt: skip
+    assert json.loads((tmp_path / "eval" / "predictions.json").read_text()) == predictions
+    assert again["metrics"] == pytest.approx(saved["metrics"], nan_ok=True)
 
 
 def test_target_groups_match_the_routed_predictions(tiny) -> None:

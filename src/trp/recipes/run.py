@@ -333,7 +333,19 @@ def evaluate(checkpoint: str | Path, cfg: DictConfig) -> dict[str, Any]:
     plain: Any = OmegaConf.to_container(cfg, resolve=True)
     plain["model"] = OmegaConf.to_container(saved.model, resolve=True)
     plain["recipe"] = OmegaConf.to_container(saved.recipe, resolve=True)
+    unified = saved.recipe.name == "shapes_unified"
+    if unified:
+        # A unified model is evaluated on its own task mixture and target kinds; with
+        # data=shapes_unified the held-out size and seed come from the evaluate config.
+        data = OmegaConf.to_container(saved.data, resolve=True)
+        if plain["data"]["name"] == saved.data.name:
+            data.update({k: plain["data"][k] for k in ("eval_size", "eval_seed")})
+        plain["data"] = data
     cfg = OmegaConf.create(plain)
+    if unified:
+        from trp.recipes.unified import evaluate_unified
+
+        return evaluate_unified(model, cfg, checkpoint)
     _setup(cfg)
     _, held_out = build_datasets(cfg.data, image_size=int(cfg.model.image_size), with_train=False)
     module = _module(cfg, model)

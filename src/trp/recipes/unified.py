@@ -55,15 +55,21 @@ from trp.vrt import mask_coverage, target_patches
 from trp.vrt.visual_prompt import VisualPromptEncoder, expand_vpt, splice_prompt_tokens
 
 __all__ = [
+    "HFUnifiedCollator",
+    "PROMPT_ENCODER_FILE",
     "UnifiedCollator",
     "UnifiedDataConfig",
     "UnifiedDataModule",
     "UnifiedModule",
+    "evaluate_unified",
     "task_table",
     "train_unified",
     "unified_corpus",
     "visual_prompts",
 ]
+
+# The checkpoint file of the visual-prompt encoder (beside the model's files).
+PROMPT_ENCODER_FILE = "prompt_encoder.safetensors"
 
 
 # --------------------------------------------------------------------------- config schema
@@ -682,9 +688,10 @@ class UnifiedDataModule(ReferringDataModule):
 
 
 def _datasets(
-    cfg: Any, patch_size: int
-) -> tuple[UnifiedShapesDataset, UnifiedShapesDataset]:
-    """The training and held-out scenes; ``patch_size``: pixels per VRT patch of the host."""
+    cfg: Any, patch_size: int, *, with_train: bool = True
+) -> tuple[UnifiedShapesDataset | None, UnifiedShapesDataset]:
+    """The training (None without ``with_train``) and held-out scenes; ``patch_size``: pixels
+    per VRT patch of the host."""
     data = cfg.data
     if data.name != "shapes_unified":
         raise ValueError(f"recipe shapes_unified needs data=shapes_unified, got {data.name!r}")
@@ -700,11 +707,93 @@ def _datasets(
         "negative_prob": float(data.negative_prob),
         "max_query_classes": int(data.max_query_classes),
     }
-    train = UnifiedShapesDataset(num_samples=int(data.train_size), seed=int(data.seed), **kwargs)
+    train = (
+        UnifiedShapesDataset(num_samples=int(data.train_size), seed=int(data.seed), **kwargs)
+        if with_train
+        else None
+    )
     held_out = UnifiedShapesDataset(
         num_samples=int(data.eval_size), seed=int(data.eval_seed), **kwargs
     )
     return train, held_out
+
+
+def _patch_size(cfg: Any, model: TRPForConditionalGeneration) -> int:
+    """Pixels per VRT patch: the reference VLM's ``patch_size``, or what the HF processor's
+    token grid makes of ``model.image_size`` (square, dividing the image)."""
+    if model.processor is None:
+        return int(cfg.model.patch_size)
+    from trp.models.hf_conversation import token_grid
+
+    size = int(cfg.model.image_size)
+    grid = token_grid(model.processor, (size, size))
+    if grid[0] != grid[1] or size % grid[0]:
+        raise ValueError(
+            f"model.image_size={size} gives a {grid} token grid; shapes_unified needs a "
+            "square grid that divides the image (pick a multiple of the VLM's patch size)"
+        )
+    return size // grid[0]
+
+
+def _parts(
+    cfg: Any,
+    model: TRPForConditionalGeneration,
+    train_set: UnifiedShapesDataset,
+    held_out: UnifiedShapesDataset,
+) -> tuple[UnifiedModule, UnifiedDataModule]:
+    from omegaconf import OmegaConf
+
+    k = int(cfg.data.prompt_tokens)
+    module = UnifiedModule(
+        model=model,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        loss=OmegaConf.to_container(cfg.loss, resolve=True),
+        eval=OmegaConf.to_container(cfg.eval, resolve=True),
+        num_prompt_tokens=k,
+        keep_overlays=int(cfg.eval.num_overlays),
+    )
+    common: dict[str, Any] = {
+        "grid": held_out.grid,
+        "image_size": (held_out.height, held_out.width),
+        "num_prompt_tokens": k,
+        "prompt_first": bool(cfg.recipe.prompt_first),
+    }
+    if model.processor is not None:
+        collator: type[UnifiedCollator] = HFUnifiedCollator
+        common["processor"] = model.processor
+    else:
+        collator = UnifiedCollator
+        common["tokenizer"] = model.tokenizer
+    datamodule = UnifiedDataModule(
+        train=train_set,
+        held_out=held_out,
+        train_collate=collator(**common, with_answers=True),
+        eval_collate=collator(**common, with_answers=False),
+        batch_size=int(cfg.data.batch_size),
+        eval_batch_size=int(cfg.eval.batch_size),
+        num_workers=int(cfg.data.num_workers),
+    )
+    return module, datamodule
+
+
+def _test_and_write(
+    trainer: L.Trainer,
+    module: UnifiedModule,
+    datamodule: UnifiedDataModule,
+    output_dir: Path,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    from trp.recipes.run import format_training
+
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    summary = dict(extra, metrics=module.metrics)
+    if trainer.is_global_zero:
+        summary = write_outputs(module, output_dir, extra)
+        if "seconds_per_step" in extra:
+            print("\n" + format_training(extra))
+        print(task_table(module.metrics))
+        print(f"\nmetrics: {output_dir / 'metrics.json'}")
+    return summary
 
 
 def train_unified(cfg: Any) -> dict[str, Any]:
@@ -719,24 +808,14 @@ def train_unified(cfg: Any) -> dict[str, Any]:
 
     from trp.models.build import build_hf_model, build_model, build_tokenizer
     from trp.recipes.checkpoint import save_checkpoint
-    from trp.recipes.run import _setup, _trainer, format_training, training_facts
+    from trp.recipes.run import _setup, _trainer, training_facts
 
     _setup(cfg)
     output_dir = Path(cfg.output_dir)
-    size = int(cfg.model.image_size)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if "pretrained_dir" in cfg.model:  # model=hf_vlm: the processor makes prompts and grid
-        from trp.models.hf_conversation import token_grid
-
         model = build_hf_model(model_cfg)
-        grid = token_grid(model.processor, (size, size))
-        if grid[0] != grid[1] or size % grid[0]:
-            raise ValueError(
-                f"model.image_size={size} gives a {grid} token grid; shapes_unified needs a "
-                "square grid that divides the image (pick a multiple of the VLM's patch size)"
-            )
-        train_set, held_out = _datasets(cfg, size // grid[0])
-        tokenizer = model.tokenizer
+        train_set, held_out = _datasets(cfg, _patch_size(cfg, model))
     else:
         train_set, held_out = _datasets(cfg, int(cfg.model.patch_size))
         tok_cfg = cfg.model.tokenizer
@@ -745,38 +824,8 @@ def train_unified(cfg: Any) -> dict[str, Any]:
             if tok_cfg.dir
             else unified_corpus(train_set, num_samples=int(tok_cfg.corpus_samples))
         )
-        tokenizer = build_tokenizer(tok_cfg, texts)
-        model = build_model(model_cfg, tokenizer=tokenizer)
-    k = int(cfg.data.prompt_tokens)
-    module = UnifiedModule(
-        model=model,
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        loss=OmegaConf.to_container(cfg.loss, resolve=True),
-        eval=OmegaConf.to_container(cfg.eval, resolve=True),
-        num_prompt_tokens=k,
-        keep_overlays=int(cfg.eval.num_overlays),
-    )
-    common: dict[str, Any] = {
-        "grid": train_set.grid,
-        "image_size": (train_set.height, train_set.width),
-        "num_prompt_tokens": k,
-        "prompt_first": bool(cfg.recipe.prompt_first),
-    }
-    if model.processor is not None:
-        collator: type[UnifiedCollator] = HFUnifiedCollator
-        common["processor"] = model.processor
-    else:
-        collator = UnifiedCollator
-        common["tokenizer"] = tokenizer
-    datamodule = UnifiedDataModule(
-        train=train_set,
-        held_out=held_out,
-        train_collate=collator(**common, with_answers=True),
-        eval_collate=collator(**common, with_answers=False),
-        batch_size=int(cfg.data.batch_size),
-        eval_batch_size=int(cfg.eval.batch_size),
-        num_workers=int(cfg.data.num_workers),
-    )
+        model = build_model(model_cfg, tokenizer=build_tokenizer(tok_cfg, texts))
+    module, datamodule = _parts(cfg, model, train_set, held_out)
     trainer = _trainer(cfg, output_dir, budget=True)
     start = time.monotonic()
     trainer.fit(module, datamodule=datamodule)
@@ -784,17 +833,33 @@ def train_unified(cfg: Any) -> dict[str, Any]:
     checkpoint = output_dir / "checkpoint"
     if trainer.is_global_zero:
         save_checkpoint(model, cfg, checkpoint)
-        save_model(module.prompt_encoder, str(checkpoint / "prompt_encoder.safetensors"))
-    trainer.test(module, datamodule=datamodule, verbose=False)
+        save_model(module.prompt_encoder, str(checkpoint / PROMPT_ENCODER_FILE))
     extra = {
         "recipe": str(cfg.recipe.name),
         **training_facts(trainer, seconds),
         "checkpoint": str(checkpoint),
     }
-    summary = dict(extra, metrics=module.metrics)
-    if trainer.is_global_zero:
-        summary = write_outputs(module, output_dir, extra)
-        print("\n" + format_training(extra))
-        print(task_table(module.metrics))
-        print(f"\nmetrics: {output_dir / 'metrics.json'}")
-    return summary
+    return _test_and_write(trainer, module, datamodule, output_dir, extra)
+
+
+def evaluate_unified(
+    model: TRPForConditionalGeneration, cfg: Any, checkpoint: str | Path
+) -> dict[str, Any]:
+    """Evaluate every task of a ``shapes_unified`` checkpoint (``model`` loaded from it; ``cfg``
+    with the checkpoint's model, recipe and data sections): the visual-prompt encoder comes
+    from its ``prompt_encoder.safetensors``. Writes what :func:`train_unified` writes after
+    training to ``cfg.output_dir``; returns the summary."""
+    from safetensors.torch import load_model
+
+    from trp.recipes.run import _setup, _trainer
+
+    path = Path(checkpoint) / PROMPT_ENCODER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: a shapes_unified checkpoint keeps its prompt encoder")
+    _setup(cfg)
+    _, held_out = _datasets(cfg, _patch_size(cfg, model), with_train=False)
+    module, datamodule = _parts(cfg, model, held_out, held_out)
+    load_model(module.prompt_encoder, str(path))
+    trainer = _trainer(cfg, Path(cfg.output_dir), logger=False)
+    extra = {"recipe": str(cfg.recipe.name), "checkpoint": str(checkpoint)}
+    return _test_and_write(trainer, module, datamodule, Path(cfg.output_dir), extra)
