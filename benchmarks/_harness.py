@@ -123,7 +123,8 @@ def time_interleaved(
     """Each side's per-call time over blocks run in turn (side A, side B, ..., A, B, ...).
 
     A block repeats a side's call enough times to last about ``min_run_time / 10`` (once for a
-    slow call); rounds go on until every side has run ``min_run_time`` and at least 3 blocks.
+    slow call); each side takes part in the rounds until it has run ``min_run_time`` and at least
+    3 blocks.
     """
     timers = {
         side: benchmark.Timer(
@@ -141,8 +142,14 @@ def time_interleaved(
         number[side] = max(1, int(min_run_time / 10 / max(once, 1e-9)))
     blocks: dict[str, list[benchmark.Measurement]] = {side: [] for side in timers}
     spent = dict.fromkeys(timers, 0.0)
-    while min(spent.values()) < min_run_time or min(len(b) for b in blocks.values()) < 3:
+
+    def needs_more(side: str) -> bool:
+        return spent[side] < min_run_time or len(blocks[side]) < 3
+
+    while any(needs_more(side) for side in timers):
         for side, timer in timers.items():
+            if not needs_more(side):
+                continue  # a slow side stops once it has its time; the others go on in turn
             m = timer.timeit(number[side])
             blocks[side].append(m)
             spent[side] += m.median * number[side]
@@ -201,13 +208,26 @@ def _fmt_mb(value: int | None) -> str:
     return "<1" if value < _RSS_RESOLUTION else f"{value / 2**20:.1f}"
 
 
-def run(module_path: str | Path, quick: bool, threads: tuple[int, ...] = (1, 2)) -> list[dict]:
-    """Benchmark every case of a module; write results/<op>[.quick].json and .md; return rows."""
+def case_label(case: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in case.items())
+
+
+def run(
+    module_path: str | Path,
+    quick: bool,
+    threads: tuple[int, ...] = (1, 2),
+    only: str | None = None,
+) -> list[dict]:
+    """Benchmark every case of a module (those whose label contains ``only``, if given); write
+    results/<op>[.quick].json and .md; return rows."""
     module = load_module(module_path)
-    min_run_time = 0.2 if quick else 1.0
+    # A module may ask for longer timing (MIN_RUN_TIME): small differences between sides.
+    min_run_time = 0.2 if quick else getattr(module, "MIN_RUN_TIME", 1.0)
     modes = getattr(module, "MODES", MODES)
     rows = []
     for case in module.cases(quick):
+        if only is not None and only not in case_label(case):
+            continue
         error = module.check(case) if hasattr(module, "check") else None
         for mode in modes:
             memory = {
@@ -259,7 +279,7 @@ def _row_others(r: dict) -> list[str]:
 
 
 def _row_markdown(r: dict) -> str:
-    case = ", ".join(f"{k}={v}" for k, v in r["case"].items())
+    case = case_label(r["case"])
     eager_peak, fused_peak = r["eager_peak_bytes"], r["fused_peak_bytes"]
     if eager_peak is None or fused_peak is None:
         ratio = "n/a"
@@ -310,8 +330,13 @@ def main(module_path: str) -> None:
     parser = argparse.ArgumentParser(description=f"benchmark {Path(module_path).stem}")
     parser.add_argument("--quick", action="store_true", help="CI mode: few sizes, short timing")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="run the cases whose label contains this, e.g. 'V=151936, D=512'",
+    )
     args = parser.parse_args()
-    run(module_path, args.quick, tuple(args.threads))
+    run(module_path, args.quick, tuple(args.threads), args.only)
 
 
 if __name__ == "__main__":
