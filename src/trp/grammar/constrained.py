@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from transformers import LogitsProcessor
 
@@ -401,23 +402,22 @@ class _Plan:
 
 
 def _plan_of(
-    rm: _RowMask, n: int, base: int, num_vrt: int, width: int, patches: torch.Tensor | None
+    rm: _RowMask, n: int, base: int, num_vrt: int, width: int, patches: np.ndarray | None
 ) -> _Plan:
     """The full-width plan of ``rm`` over ``width`` score columns: text ids ``[0, n)``, padded
     columns ``[n, base)`` and ``[base + num_vrt, width)`` (never allowed), VRTs
-    ``[base, base + num_vrt)`` of which ``patches`` (``Tensor[num_vrt] bool``; None: none) are
-    allowed."""
+    ``[base, base + num_vrt)`` of which ``patches`` (``bool[num_vrt]``; None: none) are
+    allowed. Built with numpy: a new open run needs a new plan within the step."""
+    text = rm.ids.numpy()
     if rm.deny:
         vrt_denied = (
-            torch.arange(base, base + num_vrt)
-            if patches is None
-            else (~patches).nonzero().flatten() + base
+            np.arange(base, base + num_vrt) if patches is None else np.flatnonzero(~patches) + base
         )
-        parts = [rm.ids, torch.arange(n, base), vrt_denied, torch.arange(base + num_vrt, width)]
-        return _Plan(True, torch.cat(parts))
+        parts = [text, np.arange(n, base), vrt_denied, np.arange(base + num_vrt, width)]
+        return _Plan(True, torch.from_numpy(np.concatenate(parts)))
     if patches is None:
         return _Plan(False, rm.ids)
-    return _Plan(False, torch.cat([rm.ids, patches.nonzero().flatten() + base]))
+    return _Plan(False, torch.from_numpy(np.concatenate([text, np.flatnonzero(patches) + base])))
 
 
 class _StateEntry:
@@ -724,6 +724,7 @@ class TRPLogitsProcessor(LogitsProcessor):
             [] if vrt_mask is None else [allow_vrt and bool(r.any()) for r in vrt_mask]
         )
         self._num_vrt = 0 if vrt_mask is None else vrt_mask.shape[1]
+        self._vrt_np = None if vrt_mask is None else vrt_mask.numpy()
         self._prompt_len: int | None = None
         # The previous call: its input_ids, the rows' parser values and (once a step could not
         # follow the rows one to one, e.g. beams reordered them) their generated tokens.
@@ -838,7 +839,7 @@ class TRPLogitsProcessor(LogitsProcessor):
         self, input_ids: torch.Tensor, keys: list[tuple[bool, tuple[int, ...]]] | None
     ) -> None:
         self._prev, self._prev_keys = input_ids, keys
-        self._prev_np = input_ids.numpy() if input_ids.is_cpu and _NUMPY is not None else None
+        self._prev_np = input_ids.numpy() if input_ids.is_cpu else None
 
     def _check(self, rows: int, width: int) -> int:
         """Validate the shapes (once per layout); returns the rows per sample."""
@@ -869,8 +870,8 @@ class TRPLogitsProcessor(LogitsProcessor):
         hit = self._vrt_plans.get(key)
         if hit is not None and hit[0] is rm:
             return hit[1]
-        assert self.vrt_mask is not None
-        patches = self.vrt_mask[sample].clone()
+        assert self._vrt_np is not None
+        patches = self._vrt_np[sample].copy()
         inside = [k for k in run if k < num_vrt]
         if inside:
             patches[inside] = False  # no patch twice within a run
@@ -925,7 +926,7 @@ class TRPLogitsProcessor(LogitsProcessor):
         view = None
         if self.inplace:
             out = scores
-            if out.is_cpu and out.dtype in _NUMPY_DTYPES and _NUMPY is not None:
+            if out.is_cpu and out.dtype in _NUMPY_DTYPES:
                 view = (out.detach() if out.requires_grad else out).numpy()
         else:
             # Rows that keep only a few ids need no copy of the scores: when none keeps the
@@ -976,7 +977,7 @@ class TRPLogitsProcessor(LogitsProcessor):
                     return (out.copy_(scores) if copy else out), view
             out = scores.clone() if copy else torch.empty_like(scores)
             view = None
-            if _NUMPY is not None and out.dtype in _NUMPY_DTYPES and not out.requires_grad:
+            if out.dtype in _NUMPY_DTYPES and not out.requires_grad:
                 view = out.numpy()
             # The storage's users while only this processor holds it (the view's base is one).
             uses = _storage_uses(out.untyped_storage()._cdata) - 1  # type: ignore[misc]
@@ -996,10 +997,6 @@ class TRPLogitsProcessor(LogitsProcessor):
 
 _storage_uses = getattr(torch._C, "_storage_Use_Count", None)
 
-try:
-    import numpy as _NUMPY
-except ImportError:  # pragma: no cover - torch and transformers come with numpy
-    _NUMPY = None  # type: ignore[assignment]
 _NUMPY_DTYPES = (torch.float32, torch.float16, torch.float64)
 
 
