@@ -39,6 +39,7 @@ from trp.grammar.constrained import prepare_tokens, vocab_of
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trp" / "bench_tokenizers"
 NUM_VRT = 256
+REPEATS = 15  # calls per side and row (sides alternate call by call)
 QWEN_SPECIALS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -201,12 +202,15 @@ def _xgrammar_call(compiled, ids, prompt_len, scores, eos: int, copy: bool = Fal
     matchers = [xgr.GrammarMatcher(compiled) for _ in range(rows)]
     bitmask = xgr.allocate_token_bitmask(rows, scores.shape[1])
     times = []
-    buffer = torch.empty_like(scores)
+    logits = None
     for t in range(prompt_len, ids.shape[1]):
-        logits = buffer if copy else scores.clone()  # in place writes into it: not timed
+        if not copy:
+            logits = scores.clone()  # in place writes into it: not timed
         t0 = time.perf_counter()
         if copy:
-            logits.copy_(scores)  # keeping the raw scores, as trp's copy mode does
+            # Keeping the raw scores, as trp's copy mode does (the last output is still held
+            # while the next is made, as in generate and in _trp_call).
+            logits = scores.clone()
         for r, m in enumerate(matchers):
             if t > prompt_len and not m.is_terminated():
                 assert m.accept_token(int(ids[r, t - 1]))
@@ -236,7 +240,7 @@ def run(quick: bool) -> dict:
     torch.set_num_threads(1)
     sizes = (2_000, 32_000) if quick else (2_000, 32_000, 150_000)
     batches = (1, 16) if quick else (1, 4, 16)
-    repeats = 2 if quick else 9
+    repeats = 2 if quick else REPEATS
     try:
         import xgrammar  # noqa: F401
 
@@ -357,15 +361,16 @@ def main() -> None:
         "load_average_1min": os.getloadavg()[0],
     }
     stem = "constrained.quick" if args.quick else "constrained"
+    loads = [r["load_average_1min"] for r in result["rows"]]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
     md = [
         "### constrained decoding (TRPLogitsProcessor)",
         "",
-        f"CPU: {result['meta']['cpu']} ({os.cpu_count()} CPUs, load average "
-        f"{result['meta']['load_average_1min']:.1f} from other jobs), 1 thread, {NUM_VRT} VRTs; "
-        "medians over "
-        f"{'2' if args.quick else '9'} calls of the teacher-forced answers. 'step': one "
+        f"CPU: {result['meta']['cpu']} ({os.cpu_count()} CPUs, 1-minute load average "
+        f"{min(loads):.1f}-{max(loads):.1f} from other jobs during the rows), 1 thread, "
+        f"{NUM_VRT} VRTs; medians over "
+        f"{2 if args.quick else REPEATS} calls of the teacher-forced answers. 'step': one "
         "processor call for the whole batch; 'ms/token': step / batch; 'first': the first step "
         "of a call once the tokenizer is prepared; 'cold first': the same with empty per-state "
         "tables; 'in-place': scores masked in place (model.generate's default), else a copy "
