@@ -599,8 +599,22 @@ def _reference(
     return out
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_fast_path_masks_equal_the_reference(seed: int) -> None:
+@pytest.mark.parametrize(
+    ("seed", "device", "dtype"),
+    [
+        (0, "cpu", torch.float32),
+        (1, "cpu", torch.float32),
+        (2, "cpu", torch.float16),
+        (3, "cpu", torch.bfloat16),  # no numpy dtype: the torch indexing path
+        pytest.param(
+            4,
+            "cuda",
+            torch.float32,
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ),
+    ],
+)
+def test_fast_path_masks_equal_the_reference(seed: int, device: str, dtype) -> None:
     """Random walks over allowed tokens, rows sometimes reordered (as beams do), input ids
     built as generate does (a new tensor per step: the fast path) or as views of one buffer
     (the general path); copy and in-place; every output equals the reference."""
@@ -629,31 +643,33 @@ def test_fast_path_masks_equal_the_reference(seed: int) -> None:
             )
             for inplace in (False, True)
         ]
-        buffer = torch.zeros(rows, prompt.shape[1] + budget, dtype=torch.long)
-        buffer[:, : prompt.shape[1]] = prompt
+        buffer = torch.zeros(rows, prompt.shape[1] + budget, dtype=torch.long, device=device)
+        buffer[:, : prompt.shape[1]] = prompt.to(device)
         ids = prompt.clone()
         fast_steps = 0
         for _step in range(budget):
             scores = torch.randn(rows, width, generator=gen)
             scores[:, structure] += 4.0  # towards tags and VRTs, so triplets get generated
+            scores = scores.to(dtype)
             want = _reference(procs[0], ids, prompt.shape[1], scores)
             for proc in procs:
-                given = scores.clone()
-                got = proc(buffer[:, : ids.shape[1]] if views else ids, given)
-                bad = (got != want).nonzero().tolist()
+                given = scores.to(device, copy=True)
+                got = proc(buffer[:, : ids.shape[1]] if views else ids.to(device), given)
+                assert got.device == given.device
+                bad = (got.cpu() != want).nonzero().tolist()
                 assert not bad, (views, proc.inplace, _step, bad[:5])
                 assert (got is given) == proc.inplace
                 fast_steps += proc._prev_keys is None
             if torch.isinf(want).all(dim=1).any():
                 break
-            nxt = torch.distributions.Categorical(logits=want).sample()
+            nxt = torch.distributions.Categorical(logits=want.float()).sample()
             if rng.random() < 0.3 and ids.shape[1] > prompt.shape[1]:
                 # Beams reorder rows within a sample (the sample of a row never changes).
                 order = [s * per + rng.randrange(per) for s in range(samples) for _ in range(per)]
                 ids, nxt = ids[order], nxt[order]
-                buffer[:, : ids.shape[1]] = ids
+                buffer[:, : ids.shape[1]] = ids.to(device)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
-            buffer[:, : ids.shape[1]] = ids
+            buffer[:, : ids.shape[1]] = ids.to(device)
             if all(tok.eos_token_id in r for r in ids[:, prompt.shape[1] :].tolist()):
                 break
         if views:
