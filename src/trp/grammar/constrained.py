@@ -8,13 +8,17 @@ localises).
 Speed comes from the grammar's structure. A handful of scanner states matter (free text, a
 phrase, the literals of a triplet, a target list); in free text every token without ``<`` is
 allowed and leaves the state unchanged. So per tokenizer we prepare once (:func:`prepare_tokens`,
-cached in memory for as long as the tokenizer lives) the token classes — which tokens are
-ordinary text, which hold ``<``, which are the grammar's tags, which the host's special tokens —
-and a sorted index for "tokens starting with s". Per parser state (:attr:`ScanState.key`) we then
-probe only the few tokens the state can tell apart (those with ``<`` in free text, the prefixes
-of the expected literal elsewhere) with the real scanner, and combine them with the class mask;
-the result is cached per (state, remaining budget) as a short list of allowed or of denied ids.
-A decoding step only feeds each row's new token to its parser value and applies a cached list.
+cached in memory for as long as the tokenizer lives and on disk, see
+:mod:`trp.grammar.token_cache`) the token classes — which tokens are ordinary text, which hold
+``<``, which are the grammar's tags, which the host's special tokens — and a sorted index for
+"tokens starting with s". Per parser state (:attr:`ScanState.key`) we then probe only the few
+tokens the state can tell apart (those with ``<`` in free text, the prefixes of the expected
+literal elsewhere) with the real scanner, and combine them with the class mask; the result is
+cached per (state, remaining budget) as a short list of allowed or of denied ids, and as a
+full-width plan over every score column (padded columns and VRTs included: the row's own patches
+outside the open run). A decoding step checks that the rows continue the previous call's, reads
+only the new column, feeds each row's token to its parser value and applies one plan per row
+(one indexed write; through numpy views on CPU, where a torch call costs a few µs).
 """
 
 from __future__ import annotations
