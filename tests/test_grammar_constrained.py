@@ -814,3 +814,17 @@ def test_disk_cache_can_be_turned_off(tmp_path, monkeypatch) -> None:
     constrained.prepare_tokens(_fresh_tokenizer(), eos_token_id=tok.eos_token_id)
     assert len(list((tmp_path / "env" / "tokens").iterdir())) == 2
     assert not (tmp_path / "tokens").exists()
+
+
+def test_disk_cache_misses_when_the_code_that_computes_it_changes(tmp_path, monkeypatch) -> None:
+    from trp.grammar import constrained
+
+    tok = _fresh_tokenizer()
+    ref = constrained.prepare_tokens(tok, eos_token_id=tok.eos_token_id, cache_dir=tmp_path)
+    assert len(list((tmp_path / "tokens").iterdir())) == 2
+    monkeypatch.setattr(constrained, "_CODE", {"vocab": "another", "table": "version"})
+    again = constrained.prepare_tokens(
+        _fresh_tokenizer(), eos_token_id=tok.eos_token_id, cache_dir=tmp_path
+    )
+    _same_table(again, ref)
+    assert len(list((tmp_path / "tokens").iterdir())) == 4  # both entries rebuilt, none reused

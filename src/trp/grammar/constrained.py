@@ -40,6 +40,7 @@ import torch
 from transformers import LogitsProcessor
 
 from trp.grammar import token_cache
+from trp.grammar import tokenizer as _tokenizer_module
 from trp.grammar.errors import TRPParseError
 from trp.grammar.literals import ENTRY_UNIT, VRT_PARTIAL
 from trp.grammar.scanner import ScanState, initial_state
@@ -241,6 +242,9 @@ def vocab_of(tokenizer: Any, *, cache_dir: CacheDir = None) -> TokenVocab:
         return cached[1]
     root = token_cache.cache_root(cache_dir)
     fp = token_cache.tokenizer_fingerprint(tokenizer) if root is not None else None
+    if fp is not None:
+        # How the texts are read is part of the key: a change to it invalidates old entries.
+        fp = token_cache.digest(fp, _code_digest("vocab"))
     vocab = None
     if fp is not None:
         hit = token_cache.load_entry(root, "vocab", fp)
@@ -277,6 +281,23 @@ def _vocab_from_arrays(tensors: dict[str, torch.Tensor], fields: dict[str, Any])
         pieces.append(text[at : at + k])
         at += k
     return TokenVocab(pieces=pieces, vrt_base=int(fields["vrt_base"]))
+
+
+_CODE: dict[str, str] = {}
+
+
+def _code_digest(kind: str) -> str:
+    """A digest of the code that computes the ``kind`` entries (once per process)."""
+    d = _CODE.get(kind)
+    if d is None:
+        if kind == "vocab":
+            helpers = ("_byte_decoder", "_is_byte_level")
+            code = [TokenVocab.from_tokenizer, _vocab_from_arrays]
+            code += [getattr(_tokenizer_module, n, None) for n in helpers]
+        else:
+            code = [TokenTable.__init__, TokenTable._setup, TokenTable._from_arrays]
+        d = _CODE[kind] = token_cache.code_digest(*(c for c in code if c is not None))
+    return d
 
 
 def _warn_rebuild(kind: str, err: Exception) -> None:
@@ -351,6 +372,7 @@ def _load_or_build(
         ENTRY_UNIT,
         VPT,
         IMAGE,
+        _code_digest("table"),
     )
     hit = token_cache.load_entry(root, "table", key)
     if hit is not None:

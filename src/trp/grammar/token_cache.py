@@ -3,7 +3,8 @@
 :func:`trp.grammar.constrained.vocab_of` (the text of every token) and
 :func:`~trp.grammar.constrained.prepare_tokens` (the token classes) read every token of the
 vocabulary: about 1.3 s at 150k tokens. Their results are saved here, keyed by what they are
-computed from, and loaded by later processes.
+computed from (the tokenizer or the token texts, the ids, and the source of the code computing
+them: :func:`code_digest`), and loaded by later processes.
 
 Files live in ``cache_dir`` (default: ``$TRP_CACHE_DIR``, else ``$XDG_CACHE_HOME/trp`` or
 ``~/.cache/trp``; under ``tokens/``), one safetensors file per entry whose header metadata holds
@@ -16,7 +17,9 @@ file renamed into place, so readers never see half a file. ``TRP_CACHE_DIR=""`` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -26,7 +29,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["FORMAT", "cache_root", "digest", "load_entry", "save_entry", "tokenizer_fingerprint"]
+__all__ = [
+    "FORMAT",
+    "cache_root",
+    "code_digest",
+    "digest",
+    "load_entry",
+    "save_entry",
+    "tokenizer_fingerprint",
+]
 
 # Bump when what is saved (or how it is computed) changes: old files then simply miss.
 FORMAT = "trp-token-cache-1"
@@ -55,6 +66,21 @@ def digest(*parts: object) -> str:
         h.update(len(b).to_bytes(8, "little"))
         h.update(b)
     return h.hexdigest()
+
+
+@functools.cache
+def code_digest(*objects: Any) -> str:
+    """A digest of the source of the functions that compute an entry (and of the trp version),
+    so changing how the texts or classes are computed invalidates what was saved before."""
+    from trp.version import __version__
+
+    parts: list[object] = [__version__]
+    for obj in objects:
+        try:
+            parts.append(inspect.getsource(obj))
+        except (OSError, TypeError):  # no source (a frozen install): the version stands for it
+            parts.append(getattr(obj, "__qualname__", repr(obj)))
+    return digest(*parts)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str | None:
