@@ -145,9 +145,13 @@ class _ClockedModule(L.LightningModule):
         return config
 
 
-def _fit(module: L.LightningModule, max_steps: int, callbacks=()) -> L.Trainer:
+def _fit(
+    module: L.LightningModule, max_steps: int, callbacks=(), precision: str = "32-true"
+) -> L.Trainer:
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)))
     trainer = L.Trainer(
+        precision=precision,
+        gradient_clip_val=1.0,
         max_steps=max_steps,
         max_epochs=-1,
         callbacks=list(callbacks),
@@ -180,6 +184,15 @@ def test_step_budget_fixes_the_step_count_at_the_end_of_the_warm_up(
     _fit(again, max_steps=56)
     assert module.lrs == pytest.approx(again.lrs)
     assert module.lrs[-1] < 0.01
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_optimizer_steps_with_clipping_in_every_precision(precision: str) -> None:
+    # Fused AdamW in fp32; Lightning's mixed precision refuses to clip a fused optimizer.
+    module = _ClockedModule([0.0], seconds=0.1)
+    trainer = _fit(module, max_steps=3, precision=precision)
+    assert trainer.global_step == 3
+    assert bool(trainer.optimizers[0].defaults["fused"]) == (precision == "32-true")
 
 
 def test_step_budget_keeps_a_smaller_max_steps(monkeypatch: pytest.MonkeyPatch) -> None:
