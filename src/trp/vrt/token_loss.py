@@ -81,7 +81,9 @@ def vrt_token_loss(
     sample_index = torch.arange(b, device=dev).repeat_interleave(n)[keep]
     return vrt_linear_cross_entropy(
         shifted.reshape(b * n, -1)[keep],
-        text_weight[:base],
+        # The whole weight when it holds exactly the text rows: a slice's backward allocates a
+        # zero [V, D] gradient and copies into it (one extra V x D buffer at 3B sizes).
+        text_weight if base == text_weight.shape[0] else text_weight[:base],
         vrt_rows,
         sample_index,
         binding.sample_offsets.to(dev),
