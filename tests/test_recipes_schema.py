@@ -304,7 +304,7 @@ def test_complete_fills_python_callers_mappings_from_the_schema() -> None:
     heads = {"box": {"impl": "light", "d_model": 32}}
     model = S.complete(S.TinyVLMConfig, {"heads": heads, "vision": {"depth": 1}}, "model")
     assert model["heads"] == heads  # a caller's heads replace the default heads
-    assert model["vision"]["depth"] == 1 and model["vision"]["embed_dim"] == 192
+    assert model["vision"]["depth"] == 1 and model["vision"]["embed_dim"] == 128
     with pytest.raises(ConfigError, match=r"loss\.tokn: unknown key"):
         S.complete(S.LossConfig, {"tokn": 1.0}, "loss")
     with pytest.raises(ConfigError, match=r"loss\.mask_points must be a positive int"):

@@ -303,9 +303,9 @@ class VisionConfig:
     """The reference VLM's timm ViT (random init or a local state dict)."""
 
     name: str = "vit_tiny_patch16_224"
-    embed_dim: int = 192
+    embed_dim: int = 128
     depth: int = 4
-    num_heads: int = 3
+    num_heads: int = 2
     weights: str | None = None
     conv_stem: bool = True
     stem_downsample: int = 0
@@ -331,11 +331,11 @@ class LanguageConfig:
     """The reference VLM's Qwen2 LM, built from these sizes (random init)."""
 
     pretrained_dir: str | None = None
-    hidden_size: int = 192
-    intermediate_size: int = 768
+    hidden_size: int = 128
+    intermediate_size: int = 512
     num_layers: int = 4
-    num_heads: int = 3
-    num_kv_heads: int = 3
+    num_heads: int = 2
+    num_kv_heads: int = 2
     max_positions: int = 512
     tie_embeddings: bool = True
     attn_implementation: str = "eager"
@@ -436,10 +436,18 @@ class TinyVLMDeformableConfig(TinyVLMConfig):
     fine_channels: int = 0
     heads: dict[str, Any] = field(default_factory=_deformable_heads)
     vision: VisionConfig = field(
-        default_factory=lambda: VisionConfig(conv_stem=False, fused_attn=True)
+        default_factory=lambda: VisionConfig(
+            embed_dim=192, num_heads=3, conv_stem=False, fused_attn=True
+        )
     )
     language: LanguageConfig = field(
-        default_factory=lambda: LanguageConfig(attn_implementation="sdpa")
+        default_factory=lambda: LanguageConfig(
+            hidden_size=192,
+            intermediate_size=768,
+            num_heads=3,
+            num_kv_heads=3,
+            attn_implementation="sdpa",
+        )
     )
 
 
@@ -542,6 +550,7 @@ class ShapesDataConfig(DataConfig):
     """``data=shapes``: synthetic referring scenes (``trp.data.ShapesDataset``)."""
 
     name: str = "shapes"
+    batch_size: int = 16
     train_size: int = 1000000
     seed: int = 0
     eval_seed: int = 1

@@ -38,7 +38,7 @@ class StepBudget(L.Callback):
     """
 
     def __init__(
-        self, budget_s: float, *, decide_at: int, first: int = 5, fill: float = 0.97
+        self, budget_s: float, *, decide_at: int, first: int = 5, fill: float = 0.95
     ) -> None:
         if not budget_s > 0:
             raise ValueError(f"budget_s must be positive, got {budget_s}")
