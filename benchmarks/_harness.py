@@ -42,36 +42,14 @@ from torch.utils import benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("forward", "forward+backward")
-ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-
-
-def cpu_model() -> str | None:
-    """The CPU's model name, as ``lscpu`` gives it (``/proc/cpuinfo`` without lscpu)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        out = ""
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return None
 
 
 def machine() -> dict:
-    """The CPU and the instruction sets in use, recorded with every result."""
-    from trp.ops import cpu_capability
+    """The CPU and the instruction sets in use, recorded with every result
+    (:func:`trp.machine.machine`)."""
+    from trp.machine import machine as describe
 
-    return {
-        "cpu_model": cpu_model(),
-        "trp_cpu_capability": cpu_capability(),
-        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "isa_limits": {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ},
-    }
+    return describe()
 
 
 def machine_line(meta: dict) -> str:
