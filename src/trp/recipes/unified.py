@@ -143,7 +143,9 @@ class UnifiedCollator:
         with_answers: full conversations (training) or left-padded prompts (generation).
         prompt_first: the instruction before the image tokens.
 
-    Batch keys: ``images`` [B, 3, H, W]; ``input_ids``/``attention_mask`` [B, L]; with answers
+    Batch keys: ``images`` [B, 3, H, W]; ``pixel_values`` and ``image_inputs`` (what the host
+    VLM's forward takes: the images themselves and nothing for the reference VLM, the
+    processor's tensors for a HF one); ``input_ids``/``attention_mask`` [B, L]; with answers
     ``labels`` [B, L], ``parses`` (sequence positions), ``objects`` (per sample the VRT label
     positions and the union of its objects' target patches, for the robust token loss) and
     ``targets`` (unit -> the criterion's targets, ``group`` = :func:`trp.heads.triplet_group`;
