@@ -162,6 +162,14 @@ def test_mixture_weights_and_determinism() -> None:
     assert not torch.equal(other[0]["image"], ds[0]["image"])
 
 
+
+def test_balanced_held_out_serves_every_task_in_turn() -> None:
+    mixture = {"rec": 1.0, "det": 3.0, "depth": 0.5, "text": 0.0}
+    ds = UnifiedShapesDataset(num_samples=30, seed=2, mixture=mixture, balanced=True)
+    tasks = [ds.task_of(i) for i in range(30)]
+    assert tasks == ["rec", "det", "depth"] * 10  # UNIFIED_TASKS order; weight 0 left out
+    assert [ds[i]["task"] for i in (0, 4, 29)] == ["rec", "det", "depth"]
+
 def test_non_square_images_and_collation() -> None:
     ds = UnifiedShapesDataset(num_samples=24, seed=4, image_size=(64, 96), targets="vrt")
     samples = [ds[i] for i in range(24)]

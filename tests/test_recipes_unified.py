@@ -224,7 +224,8 @@ def test_train_unified_end_to_end_writes_every_task_family(tmp_path) -> None:
             "trainer.max_steps=2",
             "trainer.enable_progress_bar=false",
             "data.train_size=32",
-            "data.eval_size=12",
+            # 2 held-out scenes of each of the 9 tasks (data.eval_per_task).
+            "data.eval_size=2",
             "data.batch_size=6",
             "eval.batch_size=12",
             "eval.max_new_tokens=12",
@@ -256,18 +257,18 @@ def test_train_unified_end_to_end_writes_every_task_family(tmp_path) -> None:
         "noobj/accuracy",
     ):
         assert key in saved["metrics"], key
-    assert sum(saved["metrics"][f"{t}/count"] for t in unified.UNIFIED_TASKS) == 12
+    assert all(saved["metrics"][f"{t}/count"] == 2 for t in unified.UNIFIED_TASKS)
     assert len(list((tmp_path / "overlays").glob("*.png"))) == 3
     assert (tmp_path / "checkpoint" / "prompt_encoder.safetensors").is_file()
     predictions = json.loads((tmp_path / "predictions.json").read_text())
-    assert len(predictions) == 12
+    assert len(predictions) == 18
     # examples/evaluate.py on the checkpoint: the same answers and metrics in a fresh model.
     from trp.recipes import evaluate
 
     again = evaluate(
         tmp_path / "checkpoint",
         compose(
-            ["data=shapes_unified", "data.eval_size=12", "eval.batch_size=12",
+            ["data=shapes_unified", "data.eval_size=2", "eval.batch_size=12",
              "eval.max_new_tokens=12", "eval.num_overlays=1", f"output_dir={tmp_path / 'eval'}"],
             config_name="evaluate",
         ),
@@ -353,7 +354,7 @@ def test_train_unified_with_a_hf_vlm(tmp_path, family: str) -> None:
             "trainer.enable_progress_bar=false",
             "trainer.precision=32-true",
             "data.train_size=16",
-            "data.eval_size=9",
+            "data.eval_size=1",
             "data.batch_size=9",
             "eval.batch_size=9",
             "eval.max_new_tokens=16",

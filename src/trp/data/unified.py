@@ -148,6 +148,9 @@ class UnifiedShapesDataset(Dataset):
         max_query_classes: most classes one detection query names.
         kind_weights: (attribute, position, relation) weights of referring expressions.
         prompt_types: visual prompt kinds drawn uniformly for ``region_caption``.
+        balanced: ``True``: sample ``i`` serves the tasks of the mixture in turn (task ``i`` mod
+            their number; the weights only decide which tasks take part), so a held-out set
+            holds the same number of scenes of every task.
 
     Sample keys (``N`` = objects grounded in the answer, in answer target order; ``H x W``):
 
@@ -188,6 +191,7 @@ class UnifiedShapesDataset(Dataset):
         max_query_classes: int = 2,
         kind_weights: tuple[float, float, float] = (0.5, 0.25, 0.25),
         prompt_types: Sequence[str] = PROMPT_TYPES,
+        balanced: bool = False,
     ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
@@ -208,6 +212,7 @@ class UnifiedShapesDataset(Dataset):
         self.tasks = tuple(t for t in UNIFIED_TASKS if self.mixture[t] > 0)
         weights = np.array([self.mixture[t] for t in self.tasks])
         self._cumulative = np.cumsum(weights / weights.sum())
+        self.balanced = bool(balanced)
         self.target_kinds = self._check_targets(targets)
         if num_vrt < 1:
             raise ValueError(f"num_vrt must be >= 1, got {num_vrt}")
@@ -277,11 +282,15 @@ class UnifiedShapesDataset(Dataset):
         return np.random.default_rng((self.seed, int(index)))
 
     def task_of(self, index: int) -> str:
-        """The task sample ``index`` draws (the first draw of its generator)."""
-        return self._task(self._rng(index))
+        """The task of sample ``index`` (the first draw of its generator, or with ``balanced``
+        the index's turn)."""
+        return self._task(self._rng(index), index)
 
-    def _task(self, rng: np.random.Generator) -> str:
+    def _task(self, rng: np.random.Generator, index: int) -> str:
+        # Drawn either way, so the rest of the sample's stream does not depend on ``balanced``.
         j = int(np.searchsorted(self._cumulative, rng.random(), side="right"))
+        if self.balanced:
+            return self.tasks[int(index) % len(self.tasks)]
         return self.tasks[min(j, len(self.tasks) - 1)]
 
     def _scene(self, rng: np.random.Generator, task: str) -> Scene:
@@ -298,7 +307,7 @@ class UnifiedShapesDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = self._rng(index)
-        task = self._task(rng)
+        task = self._task(rng, index)
         while True:
             scene = self._scene(rng, task)
             built = getattr(self, f"_{task}")(scene, rng)

@@ -338,8 +338,19 @@ def evaluate(checkpoint: str | Path, cfg: DictConfig) -> dict[str, Any]:
         # A unified model is evaluated on its own task mixture and target kinds; with
         # data=shapes_unified the held-out size and seed come from the evaluate config.
         data = OmegaConf.to_container(saved.data, resolve=True)
-        if plain["data"]["name"] == saved.data.name:
-            data.update({k: plain["data"][k] for k in ("eval_size", "eval_seed")})
+        asked = plain["data"]
+        if asked["name"] not in ("shapes", saved.data.name):
+            raise ValueError(
+                f"a {saved.recipe.name} checkpoint is evaluated on its own scenes "
+                f"(data={saved.data.name}), not data={asked['name']}"
+            )
+        # data.eval_size / eval_seed (keys of both schemas) are honoured; the checkpoint's
+        # mixture and target kinds are kept.
+        data.update({k: asked[k] for k in ("eval_size", "eval_seed")})
+        if "eval_per_task" in asked:  # data=shapes_unified: its value, else the checkpoint's
+            data["eval_per_task"] = asked["eval_per_task"]
+        elif "eval_per_task" not in data:  # a checkpoint from before the key: as it was
+            data["eval_per_task"] = False
         plain["data"] = data
     cfg = OmegaConf.create(plain)
     if unified:

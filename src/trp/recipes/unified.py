@@ -81,6 +81,8 @@ class UnifiedDataConfig(DataConfig):
     train_size: int = 1000000
     seed: int = 0
     eval_seed: int = 1
+    # true: the held-out set holds eval_size scenes of every task of the mixture.
+    eval_per_task: bool = True
     min_shapes: int = 1
     max_shapes: int = 5
     # task -> sampling weight (tasks left out weigh 0).
@@ -714,8 +716,13 @@ def _datasets(
         if with_train
         else None
     )
+    per_task = bool(data.eval_per_task)
+    tasks = sum(1 for w in data.mixture.values() if float(w) > 0) if per_task else 1
     held_out = UnifiedShapesDataset(
-        num_samples=int(data.eval_size), seed=int(data.eval_seed), **kwargs
+        num_samples=int(data.eval_size) * tasks,
+        seed=int(data.eval_seed),
+        balanced=per_task,
+        **kwargs,
     )
     return train, held_out
 
