@@ -63,3 +63,35 @@ def test_aux_layers_get_suffixed_losses_and_groups_match_independently():
     assert losses["loss_giou_0"].item() < 1e-6
     with pytest.raises(ValueError, match="boxes"):
         BoxCriterion()(pred, {"boxes": torch.zeros(2, 5)})
+
+
+def test_region_loss_of_the_matched_targets_masks():
+    from trp.losses import box_region_loss
+
+    torch.manual_seed(0)
+    tgt = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])
+    masks = torch.rand(2, 8, 8)
+    # Predictions in the opposite order: the matcher pairs prediction 0 with target 1.
+    boxes = tgt.flip(0).clone().requires_grad_(True)
+    logits = torch.randn(2, 8, 8, requires_grad=True)
+    pred = {"boxes": boxes, "scores": torch.zeros(2), "region_logits": logits}
+    group = torch.zeros(2, dtype=torch.long)
+    targets = {"boxes": tgt, "masks": masks, "group": group}
+    out = BoxCriterion(weight_region=3.0, aux_loss=False)(pred, targets, pred_group=group)
+    want = box_region_loss(logits, tgt.flip(0), masks=masks.flip(0))
+    for k in ("loss_region_ce", "loss_region_dice"):
+        torch.testing.assert_close(out[k], 3.0 * want[k])
+    out["loss_region_ce"].backward()
+    assert logits.grad.abs().sum() > 0
+    # Without masks the filled target box is the region; off by default.
+    no_masks = BoxCriterion(weight_region=1.0, aux_loss=False)(
+        pred, {"boxes": tgt, "group": group}, pred_group=group
+    )
+    torch.testing.assert_close(
+        no_masks["loss_region_dice"], box_region_loss(logits, tgt.flip(0))["loss_region_dice"]
+    )
+    assert "loss_region_ce" not in BoxCriterion(aux_loss=False)(pred, targets, pred_group=group)
+    with pytest.raises(ValueError, match="region map's size"):
+        BoxCriterion(weight_region=1.0)(pred, {**targets, "masks": torch.rand(2, 4, 4)})
+    with pytest.raises(ValueError, match="weight_region"):
+        BoxCriterion(weight_region=-1.0)

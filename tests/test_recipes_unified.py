@@ -152,6 +152,9 @@ def test_mixed_batch_trains_every_head_with_targets_and_skips_the_others(tiny) -
     module.zero_grad()
     losses = module.losses(module.forward_batch(batch), batch)
     assert {k.split("/")[0] for k in losses} == {"token", "box"}
+    # The light box head's region map trains against the box targets' masks.
+    assert batch["targets"]["box"]["masks"].shape[1:] == (16, 16)
+    assert float(losses["box/loss_region_dice"]) > 0
     sum(losses.values()).backward()
     grads = _grads(module)
     assert grads["box"] and not grads["mask"] and not grads["depth"]

@@ -525,7 +525,8 @@ class UnifiedShapesDataset(Dataset):
                 ],
                 dim=1,
             )
-            return {"box": {"boxes": cxcywh, "triplet": triplet}}
+            # The masks train the light box head's box-region map (BoxCriterion weight_region).
+            return {"box": {"boxes": cxcywh, "masks": s["masks"].clone(), "triplet": triplet}}
         if unit == "mask":
             return {"mask": {"masks": s["masks"].clone(), "triplet": triplet}}
         kp = s["keypoints"].clone()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trp.heads.box_format import box_cxcywh_to_xyxy
+from trp.losses.box_region_loss import box_region_loss
 from trp.losses.group_matcher import GroupMatcher
 from trp.ops import box_iou, generalized_box_iou
 
@@ -28,7 +29,13 @@ class BoxCriterion(nn.Module):
       detached box quality: ``score_target="giou"`` (PaDT): MSE of ``sigmoid(s)·2 − 1`` to GIoU;
       ``"iou"``: BCE of ``sigmoid(s)`` to IoU.
 
-    With ``aux_loss`` every earlier decoder layer gets the same losses, keys suffixed ``_{i}``.
+    * ``loss_region_ce``, ``loss_region_dice`` (with ``weight_region > 0`` and a head that
+      predicts ``region_logits``, the light box head's box-region map): ``weight_region ·``
+      :func:`trp.losses.box_region_loss` of the matched pairs, against the target's
+      ``masks`` (area fractions at the map's size) when the targets hold them, else its filled
+      box.
+
+    With ``aux_loss`` every earlier decoder layer gets the box losses, keys suffixed ``_{i}``.
     Matching is per layer, inside groups (see :class:`trp.losses.GroupMatcher`).
     """
 
@@ -41,10 +48,14 @@ class BoxCriterion(nn.Module):
         score_target: ScoreTarget = "giou",
         aux_loss: bool = True,
         matcher: GroupMatcher | None = None,
+        weight_region: float = 0.0,
     ) -> None:
         super().__init__()
         if score_target not in ("giou", "iou"):
             raise ValueError(f"score_target must be 'giou' or 'iou', got {score_target!r}")
+        if not weight_region >= 0:
+            raise ValueError(f"weight_region must be >= 0, got {weight_region}")
+        self.weight_region = float(weight_region)
         self.weight_l1 = weight_l1
         self.weight_giou = weight_giou
         self.weight_score = weight_score
@@ -59,6 +70,7 @@ class BoxCriterion(nn.Module):
         targets: dict,
         pred_group: Tensor | None,
         num_boxes: float,
+        region_logits: Tensor | None = None,
     ) -> dict[str, Tensor]:
         tgt_boxes = targets["boxes"].to(boxes)
         pi, ti = self.matcher(boxes, tgt_boxes, pred_group, targets.get("group"))
@@ -76,11 +88,18 @@ class BoxCriterion(nn.Module):
         else:
             iou = torch.diagonal(box_iou(src_xyxy.detach(), tgt_xyxy))
             loss_score = F.binary_cross_entropy_with_logits(s, iou)
-        return {
+        out = {
             "loss_bbox": self.weight_l1 * loss_bbox,
             "loss_giou": self.weight_giou * loss_giou,
             "loss_score": self.weight_score * loss_score,
         }
+        if region_logits is not None:
+            masks = targets.get("masks")
+            region = box_region_loss(
+                region_logits[pi], tgt, masks=None if masks is None else masks[ti.to(masks.device)]
+            )
+            out.update({k: self.weight_region * v for k, v in region.items()})
+        return out
 
     def forward(
         self, predictions: dict, targets: dict, *, pred_group: Tensor | None = None
@@ -89,12 +108,15 @@ class BoxCriterion(nn.Module):
 
         Args:
             predictions: :class:`BoxHead` output (``boxes`` [N, 4], ``scores`` [N], ``aux``).
-            targets: ``boxes`` (Tensor[G, 4], normalised cxcywh) and optionally ``group``
-                (Tensor[G], int64: the triplet each target belongs to).
+            targets: ``boxes`` (Tensor[G, 4], normalised cxcywh), optionally ``group``
+                (Tensor[G], int64: the triplet each target belongs to) and ``masks``
+                (Tensor[G, h, w], the objects' masks at the region map's size, for the region
+                loss).
             pred_group (Tensor[N], int64, optional): the triplet of each prediction; without
                 groups predictions and targets pair one-to-one in order.
         Returns:
-            ``loss_bbox``, ``loss_giou``, ``loss_score`` (weighted) and their ``_{i}`` aux copies.
+            ``loss_bbox``, ``loss_giou``, ``loss_score`` (weighted) and their ``_{i}`` aux copies;
+            ``loss_region_ce``, ``loss_region_dice`` with the region loss.
         """
         if "boxes" not in targets:
             raise KeyError("targets must hold 'boxes' [G, 4]")
@@ -102,8 +124,15 @@ class BoxCriterion(nn.Module):
         if not isinstance(tb, Tensor) or tb.dim() != 2 or tb.shape[1] != 4:
             raise ValueError("targets['boxes'] must have shape [G, 4]")
         num_boxes = max(float(tb.shape[0]), 1.0)
+        region = predictions.get("region_logits") if self.weight_region > 0 else None
+        masks = targets.get("masks") if region is not None else None
+        if masks is not None and masks.shape[1:] != region.shape[1:]:
+            raise ValueError(
+                f"targets['masks'] must be [G, {region.shape[1]}, {region.shape[2]}] (the "
+                f"region map's size), got {list(masks.shape)}"
+            )
         losses = self._single(
-            predictions["boxes"], predictions["scores"], targets, pred_group, num_boxes
+            predictions["boxes"], predictions["scores"], targets, pred_group, num_boxes, region
         )
         if self.aux_loss:
             for i, aux in enumerate(predictions.get("aux", [])):

@@ -50,7 +50,15 @@ from trp.recipes.conversation import pad_conversations, uint8_images
 from trp.recipes.data import ReferringDataModule
 from trp.recipes.module import WarmupCosine, adamw_warmup_cosine
 from trp.recipes.overlays import draw_task_overlay
-from trp.recipes.schema import DataConfig, OptimConfig, _Invalid, complete, register
+from trp.recipes.schema import (
+    DataConfig,
+    EvalConfig,
+    LossConfig,
+    OptimConfig,
+    _Invalid,
+    complete,
+    register,
+)
 from trp.vrt import mask_coverage, target_patches
 from trp.vrt.visual_prompt import VisualPromptEncoder, expand_vpt, splice_prompt_tokens
 
@@ -73,6 +81,11 @@ PROMPT_ENCODER_FILE = "prompt_encoder.safetensors"
 
 
 # --------------------------------------------------------------------------- config schema
+# The tasks whose objects are named by VRT runs by default (the others have no object, or a
+# depth map, which a run of patches cannot name).
+_VRT_BY_DEFAULT = ("rec", "res", "det", "seg", "keypoints", "grounded_caption")
+
+
 @dataclass
 class UnifiedDataConfig(DataConfig):
     """``data=shapes_unified``: :class:`trp.data.UnifiedShapesDataset` (its arguments)."""
@@ -87,8 +100,13 @@ class UnifiedDataConfig(DataConfig):
     max_shapes: int = 5
     # task -> sampling weight (tasks left out weigh 0).
     mixture: dict[str, float] = field(default_factory=lambda: dict.fromkeys(UNIFIED_TASKS, 1.0))
-    # task -> "ref" (latent slots) or "vrt" (runs of patches); depth is always "ref".
-    targets: dict[str, str] = field(default_factory=lambda: dict.fromkeys(UNIFIED_TASKS, "ref"))
+    # task -> "ref" (latent slots) or "vrt" (runs of patches); depth is always "ref". VRT runs
+    # where a task grounds objects (they also give the heads reference boxes).
+    targets: dict[str, str] = field(
+        default_factory=lambda: {
+            t: "vrt" if t in _VRT_BY_DEFAULT else "ref" for t in UNIFIED_TASKS
+        }
+    )
     num_vrt: int = 4
     empty_image_prob: float = 0.05
     negative_prob: float = 0.25
@@ -376,6 +394,8 @@ def _criteria(units: Sequence[str], loss: Mapping[str, Any]) -> RoutedCriterion:
             weight_l1=float(loss["box_l1"]),
             weight_giou=float(loss["box_giou"]),
             weight_score=float(loss["box_score"]),
+            # The light box head's box-region map, against the targets' masks.
+            weight_region=float(loss["box_region"]),
         ),
         "mask": lambda: MaskCriterion(
             weight_ce=float(loss["mask_ce"]),
@@ -400,8 +420,9 @@ class UnifiedModule(L.LightningModule):
         model: the model; its heads name the units trained (``box``, ``mask``, ``keypoint``,
             ``depth``), each with its trp.losses criterion through a :class:`RoutedCriterion`.
         optim: as :class:`trp.recipes.ReferringModule`'s.
-        loss: ``token``, ``box_l1``, ``box_giou``, ``box_score``, ``mask_ce``, ``mask_dice``,
-            ``mask_points`` weights (keypoint and depth criteria use their defaults).
+        loss: ``token``, ``box_l1``, ``box_giou``, ``box_score``, ``box_region``, ``mask_ce``,
+            ``mask_dice``, ``mask_points`` weights (keys left out: the schema's defaults;
+            keypoint and depth criteria use their own).
         eval: ``max_new_tokens``, ``constrained``, ``mask_threshold``, ``threads``.
         num_prompt_tokens: K of the visual-prompt encoder.
         keep_overlays: held-out samples whose overlay is kept.
@@ -420,8 +441,8 @@ class UnifiedModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.optim = complete(OptimConfig, optim, "optim")
-        self.loss_cfg = dict(loss)
-        self.eval_cfg = dict(eval)
+        self.loss_cfg = complete(LossConfig, loss, "loss")
+        self.eval_cfg = complete(EvalConfig, eval, "eval")
         self.lr_schedule: WarmupCosine | None = None
         self.keep_overlays = int(keep_overlays)
         width = int(model.text_weight.shape[1])
@@ -433,7 +454,7 @@ class UnifiedModule(L.LightningModule):
             num_heads=next(h for h in (4, 3, 2, 1) if width % h == 0),
         )
         self.vpt_id = int(model.tokenizer.convert_tokens_to_ids(VPT))
-        self.criterion = _criteria(list(model.heads.keys()), loss)
+        self.criterion = _criteria(list(model.heads.keys()), self.loss_cfg)
         self.evaluator = UnifiedEvaluator(oks_sigmas=KEYPOINT_OKS_SIGMAS)
         self.metrics: dict[str, float] = {}
         self.overlays: list[Any] = []
