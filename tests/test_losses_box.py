@@ -91,7 +91,11 @@ def test_region_loss_of_the_matched_targets_masks():
         no_masks["loss_region_dice"], box_region_loss(logits, tgt.flip(0))["loss_region_dice"]
     )
     assert "loss_region_ce" not in BoxCriterion(aux_loss=False)(pred, targets, pred_group=group)
-    with pytest.raises(ValueError, match="region map's size"):
-        BoxCriterion(weight_region=1.0)(pred, {**targets, "masks": torch.rand(2, 4, 4)})
+    # Masks of another size are averaged down to the map's.
+    big = masks.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    resized = BoxCriterion(weight_region=3.0, aux_loss=False)(
+        pred, {**targets, "masks": big}, pred_group=group
+    )
+    torch.testing.assert_close(resized["loss_region_ce"], out["loss_region_ce"])
     with pytest.raises(ValueError, match="weight_region"):
         BoxCriterion(weight_region=-1.0)

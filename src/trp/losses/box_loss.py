@@ -110,8 +110,8 @@ class BoxCriterion(nn.Module):
             predictions: :class:`BoxHead` output (``boxes`` [N, 4], ``scores`` [N], ``aux``).
             targets: ``boxes`` (Tensor[G, 4], normalised cxcywh), optionally ``group``
                 (Tensor[G], int64: the triplet each target belongs to) and ``masks``
-                (Tensor[G, h, w], the objects' masks at the region map's size, for the region
-                loss).
+                (Tensor[G, h, w], the objects' masks, for the region loss; resized by area to the
+                region map's size).
             pred_group (Tensor[N], int64, optional): the triplet of each prediction; without
                 groups predictions and targets pair one-to-one in order.
         Returns:
@@ -127,10 +127,9 @@ class BoxCriterion(nn.Module):
         region = predictions.get("region_logits") if self.weight_region > 0 else None
         masks = targets.get("masks") if region is not None else None
         if masks is not None and masks.shape[1:] != region.shape[1:]:
-            raise ValueError(
-                f"targets['masks'] must be [G, {region.shape[1]}, {region.shape[2]}] (the "
-                f"region map's size), got {list(masks.shape)}"
-            )
+            # Area fractions at the region map's size (an HF host's map may be coarser).
+            masks = F.interpolate(masks[:, None].float(), size=region.shape[1:], mode="area")[:, 0]
+            targets = {**targets, "masks": masks}
         losses = self._single(
             predictions["boxes"], predictions["scores"], targets, pred_group, num_boxes, region
         )
