@@ -90,6 +90,10 @@ def test_region_loss_of_the_matched_targets_masks():
     torch.testing.assert_close(
         no_masks["loss_region_dice"], box_region_loss(logits, tgt.flip(0))["loss_region_dice"]
     )
+    filled = BoxCriterion(weight_region=1.0, region_target="box", aux_loss=False)(
+        pred, targets, pred_group=group
+    )
+    torch.testing.assert_close(filled["loss_region_dice"], no_masks["loss_region_dice"])
     assert "loss_region_ce" not in BoxCriterion(aux_loss=False)(pred, targets, pred_group=group)
     # Masks of another size are averaged down to the map's.
     big = masks.repeat_interleave(2, 1).repeat_interleave(2, 2)

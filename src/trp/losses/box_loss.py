@@ -32,8 +32,8 @@ class BoxCriterion(nn.Module):
     * ``loss_region_ce``, ``loss_region_dice`` (with ``weight_region > 0`` and a head that
       predicts ``region_logits``, the light box head's box-region map): ``weight_region ·``
       :func:`trp.losses.box_region_loss` of the matched pairs, against the target's
-      ``masks`` (area fractions at the map's size) when the targets hold them, else its filled
-      box.
+      ``masks`` (area fractions at the map's size) when the targets hold them and
+      ``region_target="mask"``, else its filled box.
 
     With ``aux_loss`` every earlier decoder layer gets the box losses, keys suffixed ``_{i}``.
     Matching is per layer, inside groups (see :class:`trp.losses.GroupMatcher`).
@@ -49,6 +49,7 @@ class BoxCriterion(nn.Module):
         aux_loss: bool = True,
         matcher: GroupMatcher | None = None,
         weight_region: float = 0.0,
+        region_target: Literal["mask", "box"] = "mask",
     ) -> None:
         super().__init__()
         if score_target not in ("giou", "iou"):
@@ -56,6 +57,9 @@ class BoxCriterion(nn.Module):
         if not weight_region >= 0:
             raise ValueError(f"weight_region must be >= 0, got {weight_region}")
         self.weight_region = float(weight_region)
+        if region_target not in ("mask", "box"):
+            raise ValueError(f"region_target must be 'mask' or 'box', got {region_target!r}")
+        self.region_target = region_target
         self.weight_l1 = weight_l1
         self.weight_giou = weight_giou
         self.weight_score = weight_score
@@ -125,6 +129,8 @@ class BoxCriterion(nn.Module):
             raise ValueError("targets['boxes'] must have shape [G, 4]")
         num_boxes = max(float(tb.shape[0]), 1.0)
         region = predictions.get("region_logits") if self.weight_region > 0 else None
+        if region is not None and self.region_target == "box":
+            targets = {k: v for k, v in targets.items() if k != "masks"}
         masks = targets.get("masks") if region is not None else None
         if masks is not None and masks.shape[1:] != region.shape[1:]:
             # Area fractions at the region map's size (an HF host's map may be coarser).

@@ -396,6 +396,7 @@ def _criteria(units: Sequence[str], loss: Mapping[str, Any]) -> RoutedCriterion:
             weight_score=float(loss["box_score"]),
             # The light box head's box-region map, against the targets' masks.
             weight_region=float(loss["box_region"]),
+            region_target=str(loss["box_region_target"]),
         ),
         "mask": lambda: MaskCriterion(
             weight_ce=float(loss["mask_ce"]),
