@@ -372,3 +372,51 @@ def test_train_unified_with_a_hf_vlm(tmp_path, family: str) -> None:
     assert "rec/ACC@0.5" in saved["metrics"] and "caption/CIDEr" in saved["metrics"]
     assert (tmp_path / "run" / "checkpoint" / "prompt_encoder.safetensors").is_file()
     assert len(json.loads((tmp_path / "run" / "predictions.json").read_text())) == 9
+
+
+def test_patch_class_probe_supervises_the_vision_map_of_every_task(tiny) -> None:
+    from trp.data import SHAPE_CLASSES
+    from trp.recipes.unified import UnifiedModule
+
+    ds, col = tiny["ds"], tiny["col"]
+    module = UnifiedModule(
+        model=tiny["module"].model,
+        optim={"lr": 1e-3},
+        loss={"patch_class": 1.0, "patch_class_foreground": 2.0},
+        eval={},
+        num_prompt_tokens=2,
+        num_patch_classes=len(SHAPE_CLASSES) + 1,
+    )
+    module.prompt_encoder = tiny["module"].prompt_encoder
+    samples = [ds[i] for i in range(6)]
+    batch = col(samples)
+    labels = batch["patch_classes"]
+    assert labels.shape == (6, 16) and labels.dtype == torch.long
+    # A 16 x 16 patch whose pixels are all one class carries that label.
+    cells = torch.stack([s["class_map"] for s in samples]).reshape(6, 4, 16, 4, 16)
+    pure = (cells == cells[:, :, :1, :, :1]).all(4).all(2).reshape(6, 16)
+    assert torch.equal(labels[pure], cells[:, :, 0, :, 0].reshape(6, 16)[pure].long())
+    assert bool((labels > 0).any())  # the scenes have objects, whatever their task
+    module.zero_grad()
+    out = module.forward_batch(batch)
+    losses = module.losses(out, batch)
+    logits = module.patch_probe(out.images.maps[0].flatten(2).transpose(1, 2))
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+    )
+    expected = ce.mean() + 2.0 * ce[labels.reshape(-1) > 0].mean()
+    torch.testing.assert_close(losses["patch_class"], expected)
+    losses["patch_class"].backward()
+    vision = module.model.vlm.vision
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in vision.parameters())
+    batch["patch_classes"] = labels[:, :8]
+    with pytest.raises(ValueError, match="patch_classes"):
+        module.losses(module.forward_batch(batch), batch)
+    off = UnifiedModule(
+        model=tiny["module"].model,
+        optim={},
+        loss={"patch_class": 0.0, "patch_class_foreground": 0.0},
+        eval={},
+        num_patch_classes=len(SHAPE_CLASSES) + 1,
+    )
+    assert off.patch_probe is None

@@ -166,6 +166,8 @@ class UnifiedShapesDataset(Dataset):
       ``areas`` (float32 ``[N]``, visible pixels), ``triplet`` (int64 ``[N]``: the triplet of
       each object), ``vrt_runs`` (``list[list[int]]``, one run per object; empty for REF);
     * ``depth`` (float32 ``[H, W]``, the scene's depth; a target only for ``task="depth"``);
+    * ``class_map`` (uint8 ``[H, W]``: 1 + the class of every visible shape, 0 background; the
+      labels of the recipe's patch-class probe, whatever the task);
     * ``targets``: unit -> the unit criterion's targets in the heads' formats, for the units of
       the answer only: ``box`` ``{"boxes": [N, 4] cxcywh in [0, 1], "triplet"}``, ``mask``
       ``{"masks": bool [N, H, W], "triplet"}``, ``keypoint`` ``{"keypoints": [N, K, 3] with x, y
@@ -495,6 +497,8 @@ class UnifiedShapesDataset(Dataset):
             "triplet": torch.from_numpy(triplet),
             "vrt_runs": runs,
             "depth": torch.from_numpy(scene.depth_map()),
+            # 1 + the class of every visible shape, 0 background (the patch-class probe's labels).
+            "class_map": torch.from_numpy(scene.class_map()),
             "image": _image_tensor(scene.image),
         }
         sample["targets"] = self._targets(task, sample)
@@ -574,8 +578,8 @@ _UNIFIED_LIST_KEYS = ("triplet", "vrt_runs", "targets", "categories")
 def collate_unified(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """:func:`trp.data.collate` for :class:`UnifiedShapesDataset` samples.
 
-    ``image`` -> ``[B, 3, H, W]``, ``prompt_mask`` -> bool ``[B, H, W]``, ``depth`` ->
-    ``[B, H, W]``, ``index``/``negative`` -> ``[B]``; per-object tensors (``boxes``, ``masks``,
+    ``image`` -> ``[B, 3, H, W]``, ``prompt_mask`` -> bool ``[B, H, W]``, ``depth`` and
+    ``class_map`` -> ``[B, H, W]``, ``index``/``negative`` -> ``[B]``; per-object tensors (``boxes``, ``masks``,
     ``labels``, ``keypoints``, ``areas``, ``triplet``), ``targets`` and strings stay lists of
     length B, so mixed tasks, empty images and text-only samples batch together.
     """

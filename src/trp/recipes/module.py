@@ -30,7 +30,7 @@ from trp.models.trp_model import TRPForConditionalGeneration, TRPOutput
 from trp.recipes.schema import EvalConfig, LossConfig, OptimConfig, complete
 from trp.vrt import mask_coverage
 
-__all__ = ["ReferringModule", "WarmupCosine", "adamw_warmup_cosine"]
+__all__ = ["ReferringModule", "WarmupCosine", "adamw_warmup_cosine", "patch_class_loss"]
 
 
 class WarmupCosine:
@@ -93,6 +93,34 @@ def adamw_warmup_cosine(
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     return schedule, {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def patch_class_loss(
+    probe: torch.nn.Linear, fmap: Tensor, labels: Tensor, *, weight: float, foreground: float
+) -> Tensor:
+    """``weight`` x cross-entropy of the linear ``probe``'s label for every patch of the vision
+    map ``fmap`` [B, D, h, w] against ``labels`` [B, h * w] (0 background, 1 + class), plus
+    ``foreground`` x its mean over the patches of objects (label > 0): most patches are
+    background, and the mean over all of them leaves telling the shapes apart a small share of
+    the loss."""
+    logits = probe(fmap.flatten(2).transpose(1, 2))  # B x N x K
+    labels = labels.to(logits.device)
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"patch_classes must be [B, h * w] = {list(logits.shape[:2])} for the vision map "
+            f"{list(fmap.shape)}, got {list(labels.shape)}"
+        )
+    if int(labels.max()) >= logits.shape[-1]:
+        raise ValueError(
+            f"patch_classes holds label {int(labels.max())}, the probe has "
+            f"{logits.shape[-1]} classes (num_patch_classes)"
+        )
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    loss = weight * ce.mean()
+    objects = labels.reshape(-1) > 0
+    if foreground > 0 and bool(objects.any()):
+        loss = loss + foreground * ce[objects].mean()
+    return loss
 
 
 class ReferringModule(L.LightningModule):
@@ -184,27 +212,16 @@ class ReferringModule(L.LightningModule):
         return self.model.token_loss(out, batch["labels"], batch["objects"])
 
     def patch_class_loss(self, fmap: Tensor, batch: dict) -> Tensor:
-        """``loss.patch_class`` x cross-entropy of the probe's label for every patch, plus
-        ``loss.patch_class_foreground`` x its mean over the patches of objects (label > 0):
-        most patches are background, and the mean over all of them leaves telling the shapes
-        apart a small share of the loss."""
+        """:func:`patch_class_loss` of the probe with ``loss.patch_class`` /
+        ``loss.patch_class_foreground``."""
         assert self.patch_probe is not None
-        logits = self.patch_probe(fmap.flatten(2).transpose(1, 2))  # B x N x K
-        labels = batch["patch_classes"].to(logits.device)
-        if int(labels.max()) >= logits.shape[-1]:
-            raise ValueError(
-                f"patch_classes holds label {int(labels.max())}, the probe has "
-                f"{logits.shape[-1]} classes (num_patch_classes)"
-            )
-        ce = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+        return patch_class_loss(
+            self.patch_probe,
+            fmap,
+            batch["patch_classes"],
+            weight=float(self.loss_cfg["patch_class"]),
+            foreground=float(self.loss_cfg["patch_class_foreground"]),
         )
-        loss = float(self.loss_cfg["patch_class"]) * ce.mean()
-        foreground = float(self.loss_cfg["patch_class_foreground"])
-        objects = labels.reshape(-1) > 0
-        if foreground > 0 and bool(objects.any()):
-            loss = loss + foreground * ce[objects].mean()
-        return loss
 
     def patch_referent_loss(self, out: dict, batch: dict) -> Tensor:
         """``loss.patch_referent`` x binary cross-entropy of the referent probe on the LM's last

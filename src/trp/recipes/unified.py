@@ -46,9 +46,9 @@ from trp.losses import (
 )
 from trp.metrics import UnifiedEvaluator
 from trp.models.trp_model import TRPForConditionalGeneration, TRPOutput
-from trp.recipes.conversation import pad_conversations, uint8_images
+from trp.recipes.conversation import pad_conversations, patch_classes, uint8_images
 from trp.recipes.data import ReferringDataModule
-from trp.recipes.module import WarmupCosine, adamw_warmup_cosine
+from trp.recipes.module import WarmupCosine, adamw_warmup_cosine, patch_class_loss
 from trp.recipes.overlays import draw_task_overlay
 from trp.recipes.schema import (
     DataConfig,
@@ -169,7 +169,8 @@ class UnifiedCollator:
     ``labels`` [B, L], ``parses`` (sequence positions), ``objects`` (per sample the VRT label
     positions and the union of its objects' target patches, for the robust token loss) and
     ``targets`` (unit -> the criterion's targets, ``group`` = :func:`trp.heads.triplet_group`;
-    masks at 1/4 resolution as float); ``prompt_masks`` bool [P, H, W] and ``prompt_sample``
+    masks at 1/4 resolution as float); ``patch_classes`` [B, h * w] (the label covering most of
+    each patch, :func:`trp.recipes.conversation.patch_classes`); ``prompt_masks`` bool [P, H, W] and ``prompt_sample``
     [P]; and ``samples`` (the collated samples, :func:`trp.data.collate_unified`).
     """
 
@@ -227,6 +228,8 @@ class UnifiedCollator:
             "prompt_masks": batch["prompt_mask"][prompt_sample],
             "prompt_sample": torch.tensor(prompt_sample, dtype=torch.long),
         }
+        if "class_map" in batch:
+            out["patch_classes"] = patch_classes(batch["class_map"], self.grid)
         if self.with_answers:
             out.update(self._answers(batch))
             out["targets"] = self._targets(batch)
@@ -427,6 +430,12 @@ class UnifiedModule(L.LightningModule):
         eval: ``max_new_tokens``, ``constrained``, ``mask_threshold``, ``threads``.
         num_prompt_tokens: K of the visual-prompt encoder.
         keep_overlays: held-out samples whose overlay is kept.
+        num_patch_classes: labels of the batches' ``patch_classes`` (background included); with
+            ``loss.patch_class`` or ``loss.patch_class_foreground`` > 0 a linear probe on the
+            vision map learns them (``train/patch_class``, as in
+            :class:`trp.recipes.ReferringModule`): dense supervision that teaches a
+            from-scratch ViT every shape of the scene, which answering that a queried class is
+            absent needs. Not part of the model (checkpoints hold the VLM only).
     """
 
     def __init__(
@@ -438,6 +447,7 @@ class UnifiedModule(L.LightningModule):
         eval: Mapping[str, Any],
         num_prompt_tokens: int = 4,
         keep_overlays: int = 8,
+        num_patch_classes: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -456,6 +466,14 @@ class UnifiedModule(L.LightningModule):
         )
         self.vpt_id = int(model.tokenizer.convert_tokens_to_ids(VPT))
         self.criterion = _criteria(list(model.heads.keys()), self.loss_cfg)
+        probe_weight = float(self.loss_cfg["patch_class"]) + float(
+            self.loss_cfg["patch_class_foreground"]
+        )
+        self.patch_probe = (
+            torch.nn.Linear(vision_dim, int(num_patch_classes))
+            if num_patch_classes > 0 and probe_weight > 0
+            else None
+        )
         self.evaluator = UnifiedEvaluator(oks_sigmas=KEYPOINT_OKS_SIGMAS)
         self.metrics: dict[str, float] = {}
         self.overlays: list[Any] = []
@@ -492,6 +510,14 @@ class UnifiedModule(L.LightningModule):
         if missing:
             raise ValueError(f"the batch routes targets to {missing} but has no targets for them")
         losses.update(self.criterion(routed, targets))
+        if self.patch_probe is not None and "patch_classes" in batch:
+            losses["patch_class"] = patch_class_loss(
+                self.patch_probe,
+                out.images.maps[0],
+                batch["patch_classes"],
+                weight=float(self.loss_cfg["patch_class"]),
+                foreground=float(self.loss_cfg["patch_class_foreground"]),
+            )
         # Keep every parameter in the graph: a head with nothing to decode this step still
         # gets a (zero) gradient, so DDP's reducer and the optimizer see the same parameters.
         anchor = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
@@ -782,6 +808,7 @@ def _parts(
         eval=OmegaConf.to_container(cfg.eval, resolve=True),
         num_prompt_tokens=k,
         keep_overlays=int(cfg.eval.num_overlays),
+        num_patch_classes=len(SHAPE_CLASSES) + 1,
     )
     common: dict[str, Any] = {
         "grid": held_out.grid,
