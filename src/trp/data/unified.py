@@ -579,9 +579,10 @@ def collate_unified(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """:func:`trp.data.collate` for :class:`UnifiedShapesDataset` samples.
 
     ``image`` -> ``[B, 3, H, W]``, ``prompt_mask`` -> bool ``[B, H, W]``, ``depth`` and
-    ``class_map`` -> ``[B, H, W]``, ``index``/``negative`` -> ``[B]``; per-object tensors (``boxes``, ``masks``,
-    ``labels``, ``keypoints``, ``areas``, ``triplet``), ``targets`` and strings stay lists of
-    length B, so mixed tasks, empty images and text-only samples batch together.
+    ``class_map`` -> ``[B, H, W]``, ``index``/``negative`` -> ``[B]``; per-object tensors
+    (``boxes``, ``masks``, ``labels``, ``keypoints``, ``areas``, ``triplet``), ``targets`` and
+    strings stay lists of length B, so mixed tasks, empty images and text-only samples batch
+    together.
     """
     if len(samples) == 0:
         raise ValueError("cannot collate an empty list of samples")

@@ -170,8 +170,9 @@ class UnifiedCollator:
     positions and the union of its objects' target patches, for the robust token loss) and
     ``targets`` (unit -> the criterion's targets, ``group`` = :func:`trp.heads.triplet_group`;
     masks at 1/4 resolution as float); ``patch_classes`` [B, h * w] (the label covering most of
-    each patch, :func:`trp.recipes.conversation.patch_classes`); ``prompt_masks`` bool [P, H, W] and ``prompt_sample``
-    [P]; and ``samples`` (the collated samples, :func:`trp.data.collate_unified`).
+    each patch, :func:`trp.recipes.conversation.patch_classes`); ``prompt_masks`` bool
+    [P, H, W] and ``prompt_sample`` [P]; and ``samples`` (the collated samples,
+    :func:`trp.data.collate_unified`).
     """
 
     def __init__(
