@@ -30,7 +30,13 @@ from trp.models.trp_model import TRPForConditionalGeneration, TRPOutput
 from trp.recipes.schema import EvalConfig, LossConfig, OptimConfig, complete
 from trp.vrt import mask_coverage
 
-__all__ = ["ReferringModule", "WarmupCosine", "adamw_warmup_cosine", "patch_class_loss"]
+__all__ = [
+    "ReferringModule",
+    "WarmupCosine",
+    "adamw_warmup_cosine",
+    "patch_class_loss",
+    "patch_probe",
+]
 
 
 class WarmupCosine:
@@ -93,6 +99,16 @@ def adamw_warmup_cosine(
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     return schedule, {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def patch_probe(
+    vision_dim: int, num_classes: int, loss: Mapping[str, Any]
+) -> torch.nn.Linear | None:
+    """The linear probe of :func:`patch_class_loss` (``vision_dim`` -> ``num_classes``, the
+    background included), or ``None`` without classes or with ``loss.patch_class`` and
+    ``loss.patch_class_foreground`` both 0."""
+    weight = float(loss["patch_class"]) + float(loss["patch_class_foreground"])
+    return torch.nn.Linear(vision_dim, num_classes) if num_classes > 0 and weight > 0 else None
 
 
 def patch_class_loss(
@@ -189,12 +205,7 @@ class ReferringModule(L.LightningModule):
         )
         # Auxiliary dense supervision of the vision encoder: a linear probe classifies every
         # patch (background or a class) from the vision map, when batches bring patch_classes.
-        probe_weight = float(loss["patch_class"]) + float(loss["patch_class_foreground"])
-        self.patch_probe = (
-            torch.nn.Linear(model.vlm.vision_dim, num_patch_classes)
-            if num_patch_classes > 0 and probe_weight > 0
-            else None
-        )
+        self.patch_probe = patch_probe(int(model.vlm.vision_dim), num_patch_classes, loss)
         self.referent_probe = (
             torch.nn.Linear(int(model.text_weight.shape[1]), 1)
             if float(loss["patch_referent"]) > 0

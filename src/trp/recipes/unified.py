@@ -48,7 +48,12 @@ from trp.metrics import UnifiedEvaluator
 from trp.models.trp_model import TRPForConditionalGeneration, TRPOutput
 from trp.recipes.conversation import pad_conversations, patch_classes, uint8_images
 from trp.recipes.data import ReferringDataModule
-from trp.recipes.module import WarmupCosine, adamw_warmup_cosine, patch_class_loss
+from trp.recipes.module import (
+    WarmupCosine,
+    adamw_warmup_cosine,
+    patch_class_loss,
+    patch_probe,
+)
 from trp.recipes.overlays import draw_task_overlay
 from trp.recipes.schema import (
     DataConfig,
@@ -467,14 +472,7 @@ class UnifiedModule(L.LightningModule):
         )
         self.vpt_id = int(model.tokenizer.convert_tokens_to_ids(VPT))
         self.criterion = _criteria(list(model.heads.keys()), self.loss_cfg)
-        probe_weight = float(self.loss_cfg["patch_class"]) + float(
-            self.loss_cfg["patch_class_foreground"]
-        )
-        self.patch_probe = (
-            torch.nn.Linear(vision_dim, int(num_patch_classes))
-            if num_patch_classes > 0 and probe_weight > 0
-            else None
-        )
+        self.patch_probe = patch_probe(vision_dim, int(num_patch_classes), self.loss_cfg)
         self.evaluator = UnifiedEvaluator(oks_sigmas=KEYPOINT_OKS_SIGMAS)
         self.metrics: dict[str, float] = {}
         self.overlays: list[Any] = []
