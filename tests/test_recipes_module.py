@@ -188,11 +188,42 @@ def test_step_budget_fixes_the_step_count_at_the_end_of_the_warm_up(
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_optimizer_steps_with_clipping_in_every_precision(precision: str) -> None:
-    # Fused AdamW in fp32; Lightning's mixed precision refuses to clip a fused optimizer.
+    # Fused AdamW in fp32; Lightning's mixed precision refuses to clip a fused optimizer, so a
+    # module that leaves clipping to Lightning gets the plain one there.
     module = _ClockedModule([0.0], seconds=0.1)
     trainer = _fit(module, max_steps=3, precision=precision)
     assert trainer.global_step == 3
     assert bool(trainer.optimizers[0].defaults["fused"]) == (precision == "32-true")
+
+
+class _SelfClippingModule(_ClockedModule):
+    """Routes clipping through trp's clip_gradients, as the recipes' modules do."""
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ):
+        from trp.recipes.module import clip_gradients
+
+        self.seen_norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in self.parameters() if p.grad is not None]
+        )
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.clipped_norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in self.parameters() if p.grad is not None]
+        )
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_self_clipping_module_gets_the_fused_optimizer_and_its_gradients_clipped(
+    precision: str,
+) -> None:
+    module = _SelfClippingModule([0.0], seconds=0.1)
+    with torch.no_grad():
+        module.layer.weight.fill_(100.0)  # gradients far above gradient_clip_val=1
+    trainer = _fit(module, max_steps=2, precision=precision)
+    assert bool(trainer.optimizers[0].defaults["fused"])
+    assert float(module.seen_norm) > 1.5
+    assert float(module.clipped_norm) == pytest.approx(1.0, rel=1e-3)
 
 
 def test_step_budget_keeps_a_smaller_max_steps(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -197,16 +197,20 @@ class MaskReadout(nn.Module):
 
 def _per_image_dot(embed: Tensor, pixels: Tensor, image_index: Tensor) -> Tensor:
     """``embed [N, C] · pixels[image_index] [N, C, h, w] -> [N, h, w]`` without materialising
-    the per-object copy of the maps: one matmul per image."""
+    the per-object copy of the maps: the objects are scattered into per-image slots
+    ``[B, K_max, C]`` (K_max: most objects of one image) and one batched matmul dots each image's
+    pixels with its own objects, a fixed handful of ops whatever the batch."""
     b, c, h, w = pixels.shape
+    n = embed.shape[0]
+    if n == 0:
+        return embed.new_zeros(0, h, w)
     flat = rearrange(pixels, "b c h w -> b c (h w)")
-    out = embed.new_zeros(embed.shape[0], h * w)
+    counts = torch.bincount(image_index, minlength=b)
     order = torch.argsort(image_index, stable=True)
-    counts = torch.bincount(image_index, minlength=b).tolist()
-    start = 0
-    for img, n in enumerate(counts):
-        if n:
-            rows = order[start : start + n]
-            out[rows] = embed[rows] @ flat[img]
-            start += n
+    starts = counts.cumsum(0) - counts
+    slot = torch.empty_like(image_index)
+    slot[order] = torch.arange(n, device=image_index.device) - starts[image_index[order]]
+    slots = embed.new_zeros(b, int(counts.max()), c)
+    slots = slots.index_put((image_index, slot), embed)
+    out = torch.bmm(slots, flat)[image_index, slot]  # N x (h w)
     return rearrange(out, "n (h w) -> n h w", h=h)

@@ -181,18 +181,22 @@ class DecoderRouter(nn.Module):
             return image_index.cpu()[uq.sample]
         if binding is None:
             return uq.sample.clone()
-        images = torch.empty(len(uq), dtype=torch.int64)
-        for q, s in enumerate(uq.sample.tolist()):
+        # Python lists: one lookup per object, no tensor op each.
+        ids = input_ids.tolist() if input_ids is not None else None
+        first = uq.positions[:, 0].tolist() if len(uq) else []
+        images = []
+        for s, p, vrt in zip(uq.sample.tolist(), first, uq.is_vrt.tolist()):
             own = binding.images_of(s)
             if not own:
                 raise ValueError(f"sample {s} has a target but no image in the binding")
-            images[q] = own[0]
-            if input_ids is not None and bool(uq.is_vrt[q]):
+            image = own[0]
+            if ids is not None and vrt:
                 # A VRT run points at the image of its first patch.
-                local = int(input_ids[s, int(uq.positions[q, 0])]) - binding.vrt_base
-                if 0 <= local < int(binding.patches_per_sample[s]):
-                    images[q] = binding.patch_of(s, local)[0]
-        return images
+                local = ids[s][p] - binding.vrt_base
+                if 0 <= local < binding.num_patches_of(s):
+                    image = binding.patch_of(s, local)[0]
+            images.append(image)
+        return torch.tensor(images, dtype=torch.int64)
 
     def forward(
         self,

@@ -80,13 +80,15 @@ def patch_classes(class_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
     if h % grid[0] or w % grid[1]:
         raise ValueError(f"a {h}x{w} class map does not split into a {grid} patch grid")
     gh, gw = grid
-    cells = class_map.reshape(b, gh, h // gh, gw, w // gw)
-    # One comparison pass per label (a handful) instead of a one-hot of the whole map: this
-    # runs in the collator, on the training process's cores.
-    area = torch.stack(
-        [(cells == k).sum((2, 4)) for k in range(int(class_map.max()) + 1)], dim=1
-    )  # B x K x h x w
-    return area.argmax(1).flatten(1)
+    k = int(class_map.max()) + 1 if class_map.numel() else 1
+    # A histogram of labels per patch in one bincount (this runs in the collator, on the
+    # training process's cores): key = (sample, patch row, patch col, label).
+    rows = torch.arange(h) // (h // gh)
+    cols = torch.arange(w) // (w // gw)
+    patch = (rows[:, None] * gw + cols[None, :]).flatten()  # H*W
+    key = (torch.arange(b)[:, None] * (gh * gw) + patch[None, :]) * k + class_map.reshape(b, -1)
+    area = torch.bincount(key.flatten(), minlength=b * gh * gw * k).view(b, gh * gw, k)
+    return area.argmax(-1)
 
 
 class ReferringCollator:

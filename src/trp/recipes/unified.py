@@ -51,6 +51,7 @@ from trp.recipes.data import ReferringDataModule
 from trp.recipes.module import (
     WarmupCosine,
     adamw_warmup_cosine,
+    clip_gradients,
     patch_class_loss,
     patch_probe,
 )
@@ -629,6 +630,11 @@ class UnifiedModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         self.lr_schedule, config = adamw_warmup_cosine(self, self.optim)
         return config
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def _plain_text(parse: ParseResult) -> str:

@@ -15,8 +15,10 @@ index ``k``. Sample ``s`` owns feature rows ``sample_offsets[s] : sample_offsets
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from einops import rearrange
@@ -174,6 +176,19 @@ class ImageBinding:
         """Tensor[B]: VRTs each sample may emit."""
         return self.sample_offsets[1:] - self.sample_offsets[:-1]
 
+    def num_patches_of(self, sample: int) -> int:
+        """VRTs ``sample`` may emit (``patches_per_sample[sample]`` without a tensor op)."""
+        self._check_sample(sample)
+        offsets = self._lists["sample_offsets"]
+        return offsets[sample + 1] - offsets[sample]
+
+    def grid_of(self, image: int) -> tuple[int, int, int]:
+        """Merged grid ``(T, H', W')`` of ``image`` (a row of ``grids``, as ints)."""
+        if not 0 <= image < self.num_images:
+            raise IndexError(f"image {image} out of range [0, {self.num_images})")
+        t, h, w = self._lists["grids"][image]
+        return t, h, w
+
     @property
     def max_patches(self) -> int:
         """Largest per-sample patch count (width of the VRT part of the logits)."""
@@ -182,7 +197,20 @@ class ImageBinding:
     def images_of(self, sample: int) -> list[int]:
         """Indices of the images of ``sample``."""
         self._check_sample(sample)
-        return (self.image_sample == sample).nonzero().flatten().tolist()
+        first = self._lists["sample_first_image"]
+        return list(range(first[sample], first[sample + 1]))
+
+    @cached_property
+    def _lists(self) -> dict[str, list]:
+        """The offsets and grids as Python lists: the per-object lookups of the router and the
+        losses (:meth:`patch_of`, :meth:`images_of`) then cost no tensor op each."""
+        counts = torch.bincount(self.image_sample, minlength=self.num_samples)
+        return {
+            "sample_offsets": self.sample_offsets.tolist(),
+            "image_offsets": self.image_offsets.tolist(),
+            "grids": self.grids.tolist(),
+            "sample_first_image": _offsets(counts).tolist(),
+        }
 
     # ------------------------------------------------------------------ masks and indices
     def own_image_mask(self, device: torch.device | str | None = None) -> Tensor:
@@ -230,10 +258,11 @@ class ImageBinding:
     def patch_of(self, sample: int, local: int) -> tuple[int, int, int, int]:
         """``(image, frame, row, col)`` of local VRT index ``local`` of ``sample``."""
         self._check_local(sample, local)
-        row_global = int(self.sample_offsets[sample]) + local
-        image = int(torch.searchsorted(self.image_offsets, row_global, right=True)) - 1
-        t, h, w = self.grids[image].tolist()
-        k = row_global - int(self.image_offsets[image])
+        tables = self._lists
+        row_global = tables["sample_offsets"][sample] + local
+        image = bisect.bisect_right(tables["image_offsets"], row_global) - 1
+        t, h, w = tables["grids"][image]
+        k = row_global - tables["image_offsets"][image]
         return image, k // (h * w), (k // w) % h, k % w
 
     def to_global(self, ids: Tensor, samples: Tensor) -> Tensor:
@@ -263,7 +292,7 @@ class ImageBinding:
 
     def _check_local(self, sample: int, local: int) -> None:
         self._check_sample(sample)
-        n = int(self.patches_per_sample[sample])
+        n = self.num_patches_of(sample)
         if not 0 <= local < n:
             raise ValueError(f"VRT {local} is not a patch of sample {sample} ({n} patches)")
 

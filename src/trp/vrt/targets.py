@@ -172,23 +172,25 @@ def robust_exclusions(
     if labels.dim() != 1:
         raise ValueError(f"labels must be 1-D, got {list(labels.shape)}")
     n = labels.numel()
-    per_token: dict[int, Tensor] = {}
+    label_list = labels.tolist()
+    # Python sets over the (few) patches of each object: no tensor op per token.
+    per_token: dict[int, set[int]] = {}
     for positions, patches in objects:
-        patches = torch.as_tensor(patches, dtype=torch.long).flatten()
+        patch_set = set(torch.as_tensor(patches, dtype=torch.long).flatten().tolist())
         for t in positions:
             if not 0 <= t < n:
                 raise IndexError(f"label position {t} out of range [0, {n})")
-            local = int(labels[t]) - vrt_base
+            local = label_list[t] - vrt_base
             if local < 0:
-                raise ValueError(f"label at position {t} is not a VRT (id {int(labels[t])})")
-            others = patches[patches != local].unique()
-            per_token[t] = torch.cat([per_token.get(t, others.new_empty(0)), others]).unique()
+                raise ValueError(f"label at position {t} is not a VRT (id {label_list[t]})")
+            per_token.setdefault(t, set()).update(patch_set - {local})
     counts = torch.zeros(n, dtype=torch.long)
-    for t, ids in per_token.items():
-        counts[t] = ids.numel()
+    tokens = sorted(per_token)
+    if tokens:
+        counts[torch.tensor(tokens)] = torch.tensor([len(per_token[t]) for t in tokens])
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    ids = [per_token[t] for t in sorted(per_token)]
-    return offsets, torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
+    ids = [i for t in tokens for i in sorted(per_token[t])]
+    return offsets, torch.tensor(ids, dtype=torch.long)
 
 
 def run_reference_boxes(
@@ -216,16 +218,17 @@ def run_reference_boxes(
         )
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, T], got {list(input_ids.shape)}")
-    ids, smp, pos = input_ids.cpu(), sample.cpu(), positions.cpu()
-    boxes = torch.full((len(smp), 4), float("nan"))
-    limit = binding.patches_per_sample
-    for q, (s, row) in enumerate(zip(smp.tolist(), pos.tolist())):
+    ids = input_ids.cpu().tolist()
+    # Python lists throughout: one box per target, no tensor op each.
+    boxes = [[float("nan")] * 4 for _ in range(len(sample))]
+    for q, (s, row) in enumerate(zip(sample.cpu().tolist(), positions.cpu().tolist())):
         cells: list[tuple[int, int, int, int]] = []
+        limit = binding.num_patches_of(s)
         for p in row:
             if p < 0:
                 continue
-            local = int(ids[s, p]) - binding.vrt_base
-            if 0 <= local < int(limit[s]):
+            local = ids[s][p] - binding.vrt_base
+            if 0 <= local < limit:
                 cells.append(binding.patch_of(s, local))
         if not cells:
             continue
@@ -238,12 +241,12 @@ def run_reference_boxes(
             grew = bool(near)
             cluster += near
             rest = [c for c in rest if c not in near]
-        _, gh, gw = binding.grids[image].tolist()
+        _, gh, gw = binding.grid_of(image)
         rows, cols = [c[0] for c in cluster], [c[1] for c in cluster]
         x0, x1 = min(cols) / gw, (max(cols) + 1) / gw
         y0, y1 = min(rows) / gh, (max(rows) + 1) / gh
-        boxes[q] = torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0])
-    return boxes
+        boxes[q] = [(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]
+    return torch.tensor(boxes, dtype=torch.float32).reshape(len(boxes), 4)
 
 
 def _adjacent(a: tuple[int, int], b: tuple[int, int]) -> bool:
