@@ -221,11 +221,14 @@ def test_box_prior_coefficients_match_the_quadratic() -> None:
 
 def test_light_mask_head_never_copies_features_per_query() -> None:
     """Many objects on one image: the readout's peak memory does not grow with a per-object
-    copy of the pixel maps (one matmul per image)."""
+    copy of the pixel maps (one batched matmul over per-image object slots)."""
     from trp.heads.mask_readout import _per_image_dot
 
-    embed = torch.randn(7, 5)
-    pixels = torch.randn(2, 5, 3, 4)
+    embed = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    # Image 2 has no object; image 1 the most (its slots set the padding of the others).
+    pixels = torch.randn(3, 5, 3, 4, dtype=torch.float64, requires_grad=True)
     index = torch.tensor([1, 0, 1, 1, 0, 1, 1])
     want = torch.einsum("nc,nchw->nhw", embed, pixels[index])
     torch.testing.assert_close(_per_image_dot(embed, pixels, index), want)
+    assert torch.autograd.gradcheck(lambda e, p: _per_image_dot(e, p, index), (embed, pixels))
+    assert _per_image_dot(embed[:0], pixels, index[:0]).shape == (0, 3, 4)

@@ -100,3 +100,19 @@ def test_bad_inputs(grids, counts, base, match):
     else:
         with pytest.raises(ValueError, match=match):
             ImageBinding.from_grids(grids, counts, vrt_base=base)
+
+
+def test_scalar_lookups_agree_with_the_tensors(binding):
+    # The Python tables behind patch_of / images_of / num_patches_of / grid_of (no tensor op
+    # per object) say what the tensors say, and check their arguments the same way.
+    assert [binding.num_patches_of(s) for s in range(3)] == binding.patches_per_sample.tolist()
+    assert [binding.grid_of(i) for i in range(4)] == [tuple(g) for g in binding.grids.tolist()]
+    assert [binding.images_of(s) for s in range(3)] == [[0], [1, 2], [3]]
+    # sample 1's local 5 is the second image's patch (row 0, col 1)
+    assert binding.patch_of(1, 5) == (2, 0, 0, 1)
+    with pytest.raises(IndexError, match="sample 3"):
+        binding.num_patches_of(3)
+    with pytest.raises(IndexError, match="image 4"):
+        binding.grid_of(4)
+    empty = ImageBinding.from_grids([[2, 2]], [0, 1], vrt_base=BASE)
+    assert empty.images_of(0) == [] and empty.num_patches_of(0) == 0
