@@ -246,6 +246,8 @@ def test_patch_class_probe_learns_from_the_class_maps() -> None:
     assert patch_classes(cmap, (2, 2)).tolist() == [[1, 0, 2, 0]]
     with pytest.raises(ValueError, match="patch grid"):
         patch_classes(cmap, (3, 3))
+    with pytest.raises(ValueError, match="labels >= 0"):
+        patch_classes(cmap - 1, (2, 2))
 
     model = _model().train()
     loss = {**LOSS, "patch_class": 2.0}

@@ -79,6 +79,8 @@ def patch_classes(class_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
     b, h, w = class_map.shape
     if h % grid[0] or w % grid[1]:
         raise ValueError(f"a {h}x{w} class map does not split into a {grid} patch grid")
+    if class_map.is_floating_point() or (class_map.numel() and int(class_map.min()) < 0):
+        raise ValueError("class_map must hold integer labels >= 0 (0 background, 1 + class)")
     gh, gw = grid
     k = int(class_map.max()) + 1 if class_map.numel() else 1
     # A histogram of labels per patch in one bincount (this runs in the collator, on the
