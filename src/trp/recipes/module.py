@@ -33,6 +33,7 @@ from trp.vrt import mask_coverage
 __all__ = [
     "ReferringModule",
     "WarmupCosine",
+    "WarmupCosineAdamW",
     "adamw_warmup_cosine",
     "clip_gradients",
     "patch_class_loss",
@@ -83,7 +84,7 @@ def adamw_warmup_cosine(
     precision = str(trainer.precision) if trainer is not None else "32-true"
     default_clipping = L.LightningModule.configure_gradient_clipping
     clips_itself = type(module).configure_gradient_clipping is not default_clipping
-    safe = "mixed" not in precision or (precision == "bf16-mixed" and clips_itself)
+    safe = "mixed" not in precision or (clips_itself and _unscaled_autocast(module))
     fused = safe and all(
         p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay
     )
@@ -107,6 +108,15 @@ def adamw_warmup_cosine(
     return schedule, {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def _unscaled_autocast(module: L.LightningModule) -> bool:
+    """Lightning's plain mixed-precision plugin without a gradient scaler (bf16 autocast): the
+    case where :func:`clip_gradients` clips a fused optimizer itself."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = module.trainer.precision_plugin
+    return isinstance(plugin, MixedPrecision) and plugin.scaler is None
+
+
 def clip_gradients(
     module: L.LightningModule,
     optimizer: torch.optim.Optimizer,
@@ -118,10 +128,7 @@ def clip_gradients(
     exists, the gradients are clipped here (one foreach pass), since Lightning's mixed-precision
     plugin refuses a fused optimizer; every other precision and strategy (fp16's scaler, FSDP,
     DeepSpeed) clips through Lightning as usual."""
-    from lightning.pytorch.plugins.precision import MixedPrecision
-
-    plugin = module.trainer.precision_plugin
-    if not clip_val or not (isinstance(plugin, MixedPrecision) and plugin.scaler is None):
+    if not clip_val or not _unscaled_autocast(module):
         module.clip_gradients(optimizer, clip_val, algorithm)
         return
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -129,6 +136,24 @@ def clip_gradients(
         torch.nn.utils.clip_grad_value_(params, float(clip_val), foreach=True)
     else:
         torch.nn.utils.clip_grad_norm_(params, float(clip_val), foreach=True)
+
+
+class WarmupCosineAdamW(L.LightningModule):
+    """The recipes' optimisation for a module with an ``optim`` mapping: AdamW with the
+    warm-up + cosine schedule (:func:`adamw_warmup_cosine`, kept as ``lr_schedule``) and its
+    gradient clipping (:func:`clip_gradients`)."""
+
+    optim: Mapping[str, Any]
+    lr_schedule: WarmupCosine | None
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        self.lr_schedule, config = adamw_warmup_cosine(self, self.optim)
+        return config
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def patch_probe(
@@ -169,7 +194,7 @@ def patch_class_loss(
     return loss
 
 
-class ReferringModule(L.LightningModule):
+class ReferringModule(WarmupCosineAdamW):
     """Lightning wrapper of a :class:`TRPForConditionalGeneration`.
 
     Args:
@@ -455,16 +480,6 @@ class ReferringModule(L.LightningModule):
             {k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()},
             sync_dist=False,
         )
-
-    # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> dict[str, Any]:
-        self.lr_schedule, config = adamw_warmup_cosine(self, self.optim)
-        return config
-
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ) -> None:
-        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def _grounds(parse) -> bool:

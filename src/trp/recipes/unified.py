@@ -50,8 +50,7 @@ from trp.recipes.conversation import pad_conversations, patch_classes, uint8_ima
 from trp.recipes.data import ReferringDataModule
 from trp.recipes.module import (
     WarmupCosine,
-    adamw_warmup_cosine,
-    clip_gradients,
+    WarmupCosineAdamW,
     patch_class_loss,
     patch_probe,
 )
@@ -424,7 +423,7 @@ def _criteria(units: Sequence[str], loss: Mapping[str, Any]) -> RoutedCriterion:
     return RoutedCriterion({u: make[u]() for u in units})
 
 
-class UnifiedModule(L.LightningModule):
+class UnifiedModule(WarmupCosineAdamW):
     """Trains and evaluates a :class:`TRPForConditionalGeneration` on unified batches.
 
     Args:
@@ -625,16 +624,6 @@ class UnifiedModule(L.LightningModule):
         self.metrics = self.evaluator.compute()
         parsed = [float(p["parsed"]) for p in self.predictions]
         self.metrics["answers/parsed"] = sum(parsed) / len(parsed) if parsed else float("nan")
-
-    # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> dict[str, Any]:
-        self.lr_schedule, config = adamw_warmup_cosine(self, self.optim)
-        return config
-
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ) -> None:
-        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def _plain_text(parse: ParseResult) -> str:

@@ -291,8 +291,7 @@ class ImageBinding:
             raise IndexError(f"sample {sample} out of range [0, {self.num_samples})")
 
     def _check_local(self, sample: int, local: int) -> None:
-        self._check_sample(sample)
-        n = self.num_patches_of(sample)
+        n = self.num_patches_of(sample)  # checks the sample
         if not 0 <= local < n:
             raise ValueError(f"VRT {local} is not a patch of sample {sample} ({n} patches)")
 
