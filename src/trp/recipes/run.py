@@ -9,6 +9,7 @@ Both take a composed config (``examples/train.py`` composes it with Hydra from t
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,9 +24,10 @@ from trp.machine import machine
 from trp.models.build import build_hf_model, build_model, build_tokenizer
 from trp.models.trp_model import TRPForConditionalGeneration
 from trp.recipes.checkpoint import load_checkpoint, save_checkpoint
-from trp.recipes.config import validate_config
+from trp.recipes.config import ConfigError, validate_config
 from trp.recipes.conversation import HFReferringCollator, ReferringCollator
 from trp.recipes.data import ReferringDataModule, build_datasets, corpus
+from trp.recipes.model_size import SIZES, StepTimer, choose_size
 from trp.recipes.module import ReferringModule
 from trp.recipes.overlays import save_overlays
 from trp.recipes.precision import resolve_precision
@@ -140,7 +142,11 @@ def _trainer(
     callbacks: list[Any] = []
     seconds = parse_max_time(t.max_time)
     if budget and seconds and t.fit_steps_to_time:
-        callbacks.append(StepBudget(seconds, decide_at=int(cfg.optim.warmup_steps)))
+        size = cfg.recipe.get("size")
+        again = [f"recipe.size={size}"] if size in SIZES else []
+        callbacks.append(
+            StepBudget(seconds, decide_at=int(cfg.optim.warmup_steps), repeat_overrides=again)
+        )
     return L.Trainer(
         callbacks=callbacks,
         accelerator=t.accelerator,
@@ -194,7 +200,15 @@ def format_training(facts: dict[str, Any]) -> str:
         f"CPU: {facts['cpu_model']}; kernels {isa}, ATen {facts['aten_cpu_capability']}"
         + (f" ({limits})" if limits else ""),
     ]
+    size = facts.get("size")
+    if size:
+        lines.append(f"model size {size['size']} ({size['reason']})")
     planned = facts["planned_steps"]
+    if planned is not None:
+        again = f"trainer.max_steps={planned} trainer.max_time=null"
+        if size and size["size"] in SIZES:
+            again += f" recipe.size={size['size']}"
+        lines.append(f"repeat this run's schedule on any machine: {again}")
     if planned is not None and facts["steps"] < planned:
         lines.append(
             f"stopped by trainer.max_time at step {facts['steps']} of the {planned} planned: "
@@ -281,6 +295,57 @@ def _write_predictions(predictions: list[dict[str, Any]], path: Path) -> None:
     path.write_text(json.dumps(rows, indent=1) + "\n")
 
 
+def _build_model(cfg: DictConfig, tokenizer: Any) -> TRPForConditionalGeneration:
+    """The recipe's model: the reference VLM over ``tokenizer``, or (None) the local HF VLM."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if tokenizer is None:
+        return build_hf_model(model_cfg)
+    return build_model(model_cfg, tokenizer=tokenizer)
+
+
+def _probe_seconds_per_step(
+    cfg: DictConfig, steps: int, tokenizer: Any, train_set, held_out
+) -> float:
+    """Seconds per step of a short single-process fit of ``cfg`` whose model is thrown away
+    (``recipe.size: auto`` times the wide model with it)."""
+    OmegaConf.update(
+        cfg,
+        "trainer",
+        {
+            "strategy": "auto",
+            "devices": 1,
+            "num_nodes": 1,
+            "max_steps": steps,
+            "max_time": None,
+            "enable_progress_bar": False,
+        },
+        merge=True,
+    )
+    model = _build_model(cfg, tokenizer)
+    timer = StepTimer()
+    trainer = _trainer(cfg, Path(cfg.output_dir), logger=False)
+    trainer.callbacks.append(timer)
+    trainer.fit(_module(cfg, model), datamodule=_datamodule(cfg, model, train_set, held_out))
+    return timer.seconds_per_step
+
+
+def _choose_size(cfg: DictConfig, probe) -> dict[str, Any]:
+    """Resolve ``recipe.size`` (:func:`trp.recipes.model_size.choose_size`) and print it."""
+    t = cfg.trainer
+    budget_s = parse_max_time(t.max_time) if t.fit_steps_to_time else None
+    if _is_hf(cfg) and cfg.recipe.get("size") is not None:
+        if cfg.recipe.size != "auto":
+            raise ConfigError(
+                f"recipe.size={cfg.recipe.size} sizes the reference VLM; a Hugging Face VLM "
+                "has its checkpoint's sizes: set recipe.size=null (data.batch_size sets the batch)"
+            )
+        cfg.recipe.size = None  # auto: nothing to choose, the checkpoint fixes the sizes
+    size = choose_size(cfg, probe, budget_s=budget_s)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"model size: {size['size']} ({size['reason']})", flush=True)
+    return size
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train the recipe of ``cfg``, save the checkpoint, evaluate on the held-out set.
 
@@ -290,18 +355,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.recipe.name == "shapes_unified":
         from trp.recipes.unified import train_unified
 
+        if cfg.recipe.get("size") is not None:
+            raise ConfigError(
+                f"recipe.size={cfg.recipe.size} sizes the referring recipes' model; "
+                "recipe=shapes_unified takes model.* and data.batch_size as given: "
+                "set recipe.size=null"
+            )
+
         return train_unified(cfg)
     _setup(cfg)
     output_dir = Path(cfg.output_dir)
     image_size = int(cfg.model.image_size)
     train_set, held_out = build_datasets(cfg.data, image_size=image_size)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    if _is_hf(cfg):
-        model = build_hf_model(model_cfg)
-    else:
+    tokenizer = None
+    if not _is_hf(cfg):
         tok_cfg = cfg.model.tokenizer
         texts = None if tok_cfg.dir else corpus(train_set, num_samples=int(tok_cfg.corpus_samples))
-        model = build_model(model_cfg, tokenizer=build_tokenizer(tok_cfg, texts))
+        tokenizer = build_tokenizer(tok_cfg, texts)
+
+    def probe(probe_cfg: DictConfig, steps: int) -> float:
+        return _probe_seconds_per_step(probe_cfg, steps, tokenizer, train_set, held_out)
+
+    size = _choose_size(cfg, probe)
+    # The model starts from the seed whether or not a probe drew batches and weights before it.
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    model = _build_model(cfg, tokenizer)
     module = _module(cfg, model)
     datamodule = _datamodule(cfg, model, train_set, held_out)
     trainer = _trainer(cfg, output_dir, budget=True)
@@ -313,6 +391,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         save_checkpoint(model, cfg, checkpoint)
     extra = {
         "recipe": cfg.recipe.name,
+        "size": size,
         **training_facts(trainer, seconds),
         "checkpoint": str(checkpoint),
     }

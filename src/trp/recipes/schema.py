@@ -38,6 +38,9 @@ from trp.data.refcoco import REFCOCO_SPLITS
 from trp.recipes.conversation import TARGET_KINDS
 from trp.recipes.precision import PRECISIONS
 
+# recipe.size (trp.recipes.model_size): auto or one of the sizes.
+MODEL_SIZES: tuple[str, ...] = ("auto", "narrow", "wide")
+
 __all__ = [
     "ACCELERATORS",
     "BOX_REGION_TARGETS",
@@ -684,10 +687,18 @@ class RecipeConfig:
     num_vrt: int = 4
     # The instruction before the image tokens (the patches read the expression).
     prompt_first: bool = False
+    # The reference VLM's width and batch (trp.recipes.model_size.SIZES): narrow, wide, auto
+    # (wide where trainer.max_time buys it min_wide_steps steps, timed on this machine), or
+    # null (the model and data sections as given).
+    size: str | None = None
+    min_wide_steps: int = 800
 
     def __post_init__(self) -> None:
         _one_of("target", self.target, TARGET_KINDS)
         _positive("num_vrt", self.num_vrt, integer=True)
+        if self.size is not None:
+            _one_of("size", self.size, MODEL_SIZES)
+        _positive("min_wide_steps", self.min_wide_steps, integer=True)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -31,6 +32,8 @@ class StepBudget(L.Callback):
         first: steps left out of the timing (allocator and cache warm-up).
         fill: the fraction of the remaining budget planned for (the rest absorbs jitter, so the
             hard ``max_time`` stop does not cut the schedule short).
+        repeat_overrides: overrides the printed repeat command needs besides the step count
+            (e.g. the ``recipe.size`` that ``auto`` chose).
 
     After the decision :attr:`steps` is the count and :attr:`seconds_per_step` the measured
     speed; ``module.lr_schedule.total_steps`` (a :class:`trp.recipes.WarmupCosine`) follows
@@ -38,7 +41,13 @@ class StepBudget(L.Callback):
     """
 
     def __init__(
-        self, budget_s: float, *, decide_at: int, first: int = 5, fill: float = 0.95
+        self,
+        budget_s: float,
+        *,
+        decide_at: int,
+        first: int = 5,
+        fill: float = 0.95,
+        repeat_overrides: Sequence[str] = (),
     ) -> None:
         if not budget_s > 0:
             raise ValueError(f"budget_s must be positive, got {budget_s}")
@@ -48,6 +57,7 @@ class StepBudget(L.Callback):
         self.first = int(first)
         self.decide_at = max(int(decide_at), self.first + 10)
         self.fill = float(fill)
+        self.repeat_overrides = "".join(f" {o}" for o in repeat_overrides)
         self.steps: int | None = None
         self.seconds_per_step: float | None = None
         self._start = 0.0
@@ -80,5 +90,6 @@ class StepBudget(L.Callback):
             print(
                 f"\nstep budget: {per_step:.3f} s/step over steps {self.first}-{self.decide_at} "
                 f"-> {steps} steps fill {self.budget_s:.0f} s "
-                f"(reproduce with trainer.max_steps={steps} trainer.max_time=null)"
+                f"(reproduce with trainer.max_steps={steps} trainer.max_time=null"
+                f"{self.repeat_overrides})"
             )
