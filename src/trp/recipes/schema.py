@@ -691,7 +691,7 @@ class RecipeConfig:
     # (wide where trainer.max_time buys it min_wide_steps steps, timed on this machine), or
     # null (the model and data sections as given).
     size: str | None = None
-    min_wide_steps: int = 800
+    min_wide_steps: int = 600
 
     def __post_init__(self) -> None:
         _one_of("target", self.target, TARGET_KINDS)
