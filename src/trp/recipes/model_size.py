@@ -33,17 +33,18 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from trp.recipes.schema import MODEL_SIZES, ConfigError
+from trp.recipes.step_budget import PLANNED_FRACTION
 
 __all__ = [
     "AUTO_SIZE_ENV",
     "PROBE_SKIP",
     "PROBE_STEPS",
     "SIZES",
-    "SIZE_CHOICES",
     "SizeDecision",
     "StepTimer",
     "apply_size",
     "choose_size",
+    "repeat_overrides",
     "size_of",
 ]
 
@@ -68,7 +69,6 @@ SIZES: dict[str, dict[str, int]] = {
         "data.batch_size": 32,
     },
 }
-SIZE_CHOICES: tuple[str, ...] = MODEL_SIZES
 # Where the decision of ``auto`` is kept for the processes Lightning launches (DDP).
 AUTO_SIZE_ENV = "TRP_AUTO_SIZE"
 # Steps of the probe fit; the first PROBE_SKIP are left out of the timing (warm-up).
@@ -99,6 +99,12 @@ def apply_size(cfg: DictConfig, size: str) -> None:
     cfg.recipe.size = size
 
 
+def repeat_overrides(size: str | None) -> list[str]:
+    """What a repeat of a run of ``size`` needs besides its step count: the size itself once
+    ``auto`` resolved it (``custom`` / None: the run's own overrides already say it)."""
+    return [f"recipe.size={size}"] if size in SIZES else []
+
+
 def choose_size(
     cfg: DictConfig,
     probe_steps: Callable[[DictConfig, int], float],
@@ -122,9 +128,9 @@ def choose_size(
     if requested is None:
         decision.update(size=size_of(cfg), reason="recipe.size=null: the config's sizes")
         return decision
-    if requested not in SIZE_CHOICES:
+    if requested not in MODEL_SIZES:
         raise ConfigError(
-            f"recipe.size must be one of {list(SIZE_CHOICES)} or null, got {requested!r}"
+            f"recipe.size must be one of {list(MODEL_SIZES)} or null, got {requested!r}"
         )
     if requested in SIZES:
         apply_size(cfg, requested)
@@ -166,8 +172,8 @@ def choose_size(
     if not per_step > 0:
         raise RuntimeError(f"recipe.size=auto: the wide model's probe measured {per_step} s/step")
     min_steps = int(cfg.recipe.min_wide_steps)
-    # As StepBudget plans: 95% of the budget.
-    predicted = int(0.95 * budget_s / per_step)
+    # As StepBudget plans them.
+    predicted = int(PLANNED_FRACTION * budget_s / per_step)
     size = "wide" if predicted >= min_steps else "narrow"
     apply_size(cfg, size)
     os.environ[AUTO_SIZE_ENV] = size

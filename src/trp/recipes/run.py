@@ -27,7 +27,7 @@ from trp.recipes.checkpoint import load_checkpoint, save_checkpoint
 from trp.recipes.config import ConfigError, validate_config
 from trp.recipes.conversation import HFReferringCollator, ReferringCollator
 from trp.recipes.data import ReferringDataModule, build_datasets, corpus
-from trp.recipes.model_size import SIZES, StepTimer, choose_size
+from trp.recipes.model_size import StepTimer, choose_size, repeat_overrides
 from trp.recipes.module import ReferringModule
 from trp.recipes.overlays import save_overlays
 from trp.recipes.precision import resolve_precision
@@ -114,6 +114,13 @@ def _module(cfg: DictConfig, model: TRPForConditionalGeneration) -> ReferringMod
     )
 
 
+def _budget_seconds(cfg: DictConfig) -> float | None:
+    """The training budget a step count is planned for: ``trainer.max_time`` in seconds with
+    ``trainer.fit_steps_to_time``, else None (``max_time`` then just stops the run)."""
+    seconds = parse_max_time(cfg.trainer.max_time)
+    return seconds if seconds and cfg.trainer.fit_steps_to_time else None
+
+
 def _trainer(
     cfg: DictConfig, output_dir: Path, *, logger: bool = True, budget: bool = False
 ) -> L.Trainer:
@@ -140,10 +147,9 @@ def _trainer(
 
         loggers.append(TensorBoardLogger(str(output_dir), name="tensorboard"))
     callbacks: list[Any] = []
-    seconds = parse_max_time(t.max_time)
-    if budget and seconds and t.fit_steps_to_time:
-        size = cfg.recipe.get("size")
-        again = [f"recipe.size={size}"] if size in SIZES else []
+    seconds = _budget_seconds(cfg)
+    if budget and seconds:
+        again = repeat_overrides(cfg.recipe.get("size"))
         callbacks.append(
             StepBudget(seconds, decide_at=int(cfg.optim.warmup_steps), repeat_overrides=again)
         )
@@ -205,9 +211,13 @@ def format_training(facts: dict[str, Any]) -> str:
         lines.append(f"model size {size['size']} ({size['reason']})")
     planned = facts["planned_steps"]
     if planned is not None:
-        again = f"trainer.max_steps={planned} trainer.max_time=null"
-        if size and size["size"] in SIZES:
-            again += f" recipe.size={size['size']}"
+        again = " ".join(
+            [
+                f"trainer.max_steps={planned}",
+                "trainer.max_time=null",
+                *repeat_overrides(size["size"] if size else None),
+            ]
+        )
         lines.append(f"repeat this run's schedule on any machine: {again}")
     if planned is not None and facts["steps"] < planned:
         lines.append(
@@ -331,8 +341,7 @@ def _probe_seconds_per_step(
 
 def _choose_size(cfg: DictConfig, probe) -> dict[str, Any]:
     """Resolve ``recipe.size`` (:func:`trp.recipes.model_size.choose_size`) and print it."""
-    t = cfg.trainer
-    budget_s = parse_max_time(t.max_time) if t.fit_steps_to_time else None
+    budget_s = _budget_seconds(cfg)
     if _is_hf(cfg) and cfg.recipe.get("size") is not None:
         if cfg.recipe.size != "auto":
             raise ConfigError(

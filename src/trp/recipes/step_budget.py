@@ -19,7 +19,10 @@ from typing import Any
 
 import lightning as L
 
-__all__ = ["StepBudget"]
+__all__ = ["PLANNED_FRACTION", "StepBudget"]
+
+# The fraction of the remaining budget a plan fills (the rest absorbs jitter).
+PLANNED_FRACTION = 0.95
 
 
 class StepBudget(L.Callback):
@@ -46,7 +49,7 @@ class StepBudget(L.Callback):
         *,
         decide_at: int,
         first: int = 5,
-        fill: float = 0.95,
+        fill: float = PLANNED_FRACTION,
         repeat_overrides: Sequence[str] = (),
     ) -> None:
         if not budget_s > 0:
