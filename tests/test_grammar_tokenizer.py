@@ -190,3 +190,20 @@ def test_encode_conversation_masks_labels_and_maps_targets(tokenizer) -> None:
         encode_conversation(tokenizer, [{"role": "robot", "content": "x"}], vocab=vocab)
     with pytest.raises(TRPParseError):
         encode_conversation(tokenizer, [{"role": "assistant", "content": "a <REF>"}], vocab=vocab)
+
+
+def test_encode_text_memo_matches_encode_and_follows_added_tokens() -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer("bpe"))
+    add_trp_tokens(tok)
+    text = "the red star <|VRT_3|> and the newtok"
+    plain = tok.encode("the red star ", add_special_tokens=False)
+    first = encode_text(tok, text)
+    assert first == encode_text(tok, text)  # the memoised pieces give the same ids
+    assert first[: len(plain)] == plain
+    # A token added later changes how the text splits: the memo is keyed by the vocabulary size.
+    tok.add_tokens(["newtok"])
+    after = encode_text(tok, text)
+    assert after[-1] == tok.convert_tokens_to_ids("newtok")
+    assert after != first

@@ -37,19 +37,36 @@ def test_tokenizer_is_trained_offline_with_trp_tokens(tmp_path) -> None:
         load_tokenizer(tmp_path / "missing")
 
 
-def test_conv_stem_is_stride_four_and_checks_its_input() -> None:
-    stem = ConvStem(6)
+@pytest.mark.parametrize("kind", ["patchify", "strided"])
+def test_conv_stem_is_stride_four_and_checks_its_input(kind) -> None:
+    stem = ConvStem(6, kind=kind)
+    assert stem.kind == kind
     assert stem(torch.randn(2, 3, 32, 48)).shape == (2, 6, 8, 12)
     with pytest.raises(ValueError, match="divisible by 4"):
         stem(torch.randn(2, 3, 30, 32))
     with pytest.raises(ValueError, match="channels"):
-        ConvStem(0)
+        ConvStem(0, kind=kind)
 
 
-def test_conv_stem_cells_are_centred_on_their_pixel_blocks() -> None:
+def test_conv_stem_kinds_and_the_saved_configs_default() -> None:
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ConvStem(4, kind="3x3")
+    first = [m for m in ConvStem(4).layers if isinstance(m, torch.nn.Conv2d)][0]
+    assert first.stride == (4, 4)  # patchify is the default form
+    text = {"hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1}
+    # A config saved before fine_stem existed has the strided stem it was trained with.
+    assert ReferenceVLMConfig(text_config=text, fine_channels=4).fine_stem == "strided"
+    with pytest.raises(ValueError, match="fine_stem"):
+        ReferenceVLMConfig(text_config=text, fine_channels=4, fine_stem="3x3")
+    model = build_model({**MODEL_CFG, "fine_channels": 4}, tokenizer=_tokenizer())
+    assert model.vlm.config.fine_stem == "patchify" and model.vlm.fine_stem.kind == "patchify"
+
+
+@pytest.mark.parametrize("kind", ["patchify", "strided"])
+def test_conv_stem_cells_are_centred_on_their_pixel_blocks(kind) -> None:
     # The receptive field of the two convolutions of cell (j, j) is centred on pixel 4j + 1.5,
     # the centre of the 4 x 4 block the cell stands for.
-    stem = ConvStem(2)
+    stem = ConvStem(2, kind=kind)
     convs = [m for m in stem.layers if isinstance(m, torch.nn.Conv2d)]
     with torch.no_grad():
         for conv in convs:

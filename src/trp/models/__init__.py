@@ -15,7 +15,7 @@ from trp.models.build import (
     build_model_from_saved,
     build_tokenizer,
 )
-from trp.models.fine_stem import ConvStem, StemDownsample
+from trp.models.fine_stem import STEM_KINDS, ConvStem, StemDownsample
 from trp.models.hf_host import HFVLMHost
 from trp.models.image_encoding import ImageEncoding
 from trp.models.predict import load_image, predict, save_overlay
@@ -40,6 +40,7 @@ __all__ = [
     "ImageEncoding",
     "ReferenceVLMConfig",
     "ReferenceVLMForConditionalGeneration",
+    "STEM_KINDS",
     "StemDownsample",
     "TRPForConditionalGeneration",
     "TRPGeneration",

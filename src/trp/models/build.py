@@ -107,8 +107,9 @@ def build_model(cfg: Mapping[str, Any], *, tokenizer) -> TRPForConditionalGenera
     ``weights``), ``language`` (Qwen2 sizes), ``heads`` (unit -> head config),
     ``prototype_rank``, ``prototype_zero_init``, ``vrt_query_shift``, ``detach_queries``,
     ``contextual_vrt``, ``route`` and ``fine_channels`` (> 0: a stride-4 ConvStem feeds the
-    heads' pixel readouts and, with ``vision.conv_stem``, the ViT). Keys left out take the
-    recipe schema's defaults (:class:`trp.recipes.schema.TinyVLMConfig`, the YAML's values).
+    heads' pixel readouts and, with ``vision.conv_stem``, the ViT; ``fine_stem``: its form). Keys
+    left out take the recipe schema's defaults (:class:`trp.recipes.schema.TinyVLMConfig`, the
+    YAML's values).
     """
     from trp.recipes.schema import TinyVLMConfig, complete  # here: trp.recipes imports us
 
@@ -144,6 +145,7 @@ def build_model(cfg: Mapping[str, Any], *, tokenizer) -> TRPForConditionalGenera
         image_size=int(cfg["image_size"]),
         patch_size=int(cfg["patch_size"]),
         fine_channels=fine_channels,
+        fine_stem=str(cfg["fine_stem"]),
         image_token_id=int(tokenizer.convert_tokens_to_ids("<image>")),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -3,48 +3,65 @@
 
 A ViT with 16-pixel patches sees an 8 x 8 grid at 128 px: masks and boxes upsampled from it
 cannot put an edge inside a patch. Mask2Former and SAM read their masks from stride-4 backbone
-features; a plain ViT has none, so this stem (two strided 4x4 convolutions) supplies them,
-at ~23 MMAC per 128 px image.
+features; a plain ViT has none, so this stem supplies them, in one of two pixel-aligned forms
+(:data:`STEM_KINDS`): ``patchify`` (a 4x4/4 convolution, then a 3x3 one at stride 4; ~11 MMAC
+per 128 px image) or ``strided`` (two 4x4/2 convolutions; ~23 MMAC and a stride-2 map in
+between).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["ConvStem", "StemDownsample"]
+__all__ = ["STEM_KINDS", "ConvStem", "StemDownsample"]
+
+# The stem forms of :class:`ConvStem`, the default first.
+STEM_KINDS = ("patchify", "strided")
 
 
 class ConvStem(nn.Module):
-    """``images [B, 3, H, W] -> [B, channels, H/4, W/4]``: conv4x4/2 (padding 1) - GN - GELU,
-    twice.
+    """``images [B, 3, H, W] -> [B, channels, H/4, W/4]``, in one of two forms (``kind``):
 
-    The even kernels keep the map aligned with the pixels: output cell ``j`` is centred on
-    pixel ``4j + 1.5``, the centre of the 4 x 4 block it stands for (and of the cell of a
-    1/4 mask target or of ``F.interpolate``'s grid). Padded 3x3/2 convolutions centre cell
-    ``j`` on pixel ``4j``, 1.5 pixels up and left, and every mask and box read from them came
-    out shifted by about a pixel; on the CPU the 4x4 stem is no slower (27 vs 31 ms forward +
-    backward at batch 32 in bf16).
+    * ``patchify``: conv4x4/4 - GN - GELU - conv3x3/1 (padding 1) - GN - GELU. The first
+      convolution maps each 4 x 4 pixel block to its cell (a patch embedding at stride 4), the
+      second mixes neighbouring cells (a 12-pixel receptive field). On a 2-core AVX2 CPU
+      (AMD EPYC, fp32) forward + backward cost 13 ms at batch 16 against 64 ms for
+      ``strided``, whose first convolution over 3 input channels and stride-2 map dominate;
+      the default recipe trained to the same accuracy with it (docs/recipes.md, ablations).
+    * ``strided``: conv4x4/2 (padding 1) - GN - GELU, twice (a 10-pixel receptive field); the
+      form models saved before ``kind`` existed have.
+
+    Both keep the map aligned with the pixels: output cell ``j`` is centred on pixel
+    ``4j + 1.5``, the centre of the 4 x 4 block it stands for (and of the cell of a 1/4 mask
+    target or of ``F.interpolate``'s grid). Padded 3x3/2 convolutions would centre cell ``j``
+    on pixel ``4j``, 1.5 pixels up and left, and every mask and box read from them came out
+    shifted by about a pixel.
 
     Args:
         channels: output channels (also the hidden width).
         in_channels: image channels.
+        kind: ``patchify`` or ``strided`` (:data:`STEM_KINDS`).
     """
 
     stride = 4
 
-    def __init__(self, channels: int = 32, in_channels: int = 3) -> None:
+    def __init__(self, channels: int = 32, in_channels: int = 3, kind: str = "patchify") -> None:
         super().__init__()
         if channels < 1 or in_channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels} and {in_channels}")
+        if kind not in STEM_KINDS:
+            raise ValueError(f"kind must be one of {STEM_KINDS}, got {kind!r}")
         self.channels = channels
+        self.kind = kind
         self.num_features = channels  # what timm's HybridEmbed reads as the feature width
+        if kind == "patchify":
+            first = nn.Conv2d(in_channels, channels, kernel_size=4, stride=4)
+            second = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
+        else:
+            first = nn.Conv2d(in_channels, channels, kernel_size=4, stride=2, padding=1)
+            second = nn.Conv2d(channels, channels, kernel_size=4, stride=2, padding=1)
         self.layers = nn.Sequential(
-            nn.Conv2d(in_channels, channels, kernel_size=4, stride=2, padding=1),
-            nn.GroupNorm(1, channels),
-            nn.GELU(),
-            nn.Conv2d(channels, channels, kernel_size=4, stride=2, padding=1),
-            nn.GroupNorm(1, channels),
-            nn.GELU(),
+            first, nn.GroupNorm(1, channels), nn.GELU(), second, nn.GroupNorm(1, channels), nn.GELU()
         )
 
     def forward(self, images: Tensor) -> Tensor:

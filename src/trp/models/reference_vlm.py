@@ -29,7 +29,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel, Qwe
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from trp.heads import FeatureAdapter
-from trp.models.fine_stem import ConvStem, StemDownsample
+from trp.models.fine_stem import STEM_KINDS, ConvStem, StemDownsample
 from trp.models.image_encoding import ImageEncoding
 
 __all__ = [
@@ -60,6 +60,9 @@ class ReferenceVLMConfig(PretrainedConfig):
         text_config: a :class:`transformers.Qwen2Config` (or its dict).
         image_size, patch_size: square input size and ViT patch size in pixels.
         fine_channels: width of the stride-4 :class:`ConvStem` (0: none).
+        fine_stem: its form, ``patchify`` or ``strided`` (:data:`trp.models.STEM_KINDS`); the
+            default is ``strided``, the form of the configs saved before the key existed (the
+            recipes' ``model.fine_stem`` defaults to ``patchify``).
         image_token_id: id of the ``<image>`` placeholder.
         text_attn_implementation: the LM's attention kernel (``eager`` / ``sdpa``), kept in the
             saved config so a reloaded model runs the same kernel (and numbers) as the trained
@@ -75,6 +78,7 @@ class ReferenceVLMConfig(PretrainedConfig):
         image_size: int = 128,
         patch_size: int = 16,
         fine_channels: int = 0,
+        fine_stem: str = "strided",
         image_token_id: int | None = None,
         text_attn_implementation: str | None = None,
         **kwargs: Any,
@@ -98,6 +102,9 @@ class ReferenceVLMConfig(PretrainedConfig):
         self.image_size = int(image_size)
         self.patch_size = int(patch_size)
         self.fine_channels = int(fine_channels)
+        if fine_stem not in STEM_KINDS:
+            raise ValueError(f"fine_stem must be one of {STEM_KINDS}, got {fine_stem!r}")
+        self.fine_stem = fine_stem
         self.image_token_id = image_token_id
         if self.image_size % self.patch_size:
             raise ValueError(
@@ -186,7 +193,9 @@ class ReferenceVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         from transformers import Qwen2ForCausalLM
 
         vision = config.vision
-        self.fine_stem = ConvStem(config.fine_channels) if config.fine_channels else None
+        self.fine_stem = (
+            ConvStem(config.fine_channels, kind=config.fine_stem) if config.fine_channels else None
+        )
         self.vit_stem: nn.Module | None = None
         if vision.get("conv_stem"):
             down = int(vision.get("stem_downsample") or 0)

@@ -35,6 +35,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from trp.data.refcoco import REFCOCO_SPLITS
+from trp.models.fine_stem import STEM_KINDS
 from trp.recipes.conversation import TARGET_KINDS
 from trp.recipes.precision import PRECISIONS
 
@@ -388,6 +389,7 @@ class TinyVLMConfig(ModelConfig):
     image_size: int = 128
     patch_size: int = 16
     fine_channels: int = 32
+    fine_stem: str = "patchify"
     vision: VisionConfig = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -402,6 +404,7 @@ class TinyVLMConfig(ModelConfig):
                 f"{{at}}patch_size={self.patch_size} (the ViT patch grid must be whole)"
             )
         _at_least("fine_channels", self.fine_channels, 0)
+        _one_of("fine_stem", self.fine_stem, STEM_KINDS)
         if self.vision.conv_stem and not self.fine_channels:
             raise _Invalid("{at}vision.conv_stem needs a stem: set {at}fine_channels > 0")
 
