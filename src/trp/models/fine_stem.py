@@ -61,7 +61,12 @@ class ConvStem(nn.Module):
             first = nn.Conv2d(in_channels, channels, kernel_size=4, stride=2, padding=1)
             second = nn.Conv2d(channels, channels, kernel_size=4, stride=2, padding=1)
         self.layers = nn.Sequential(
-            first, nn.GroupNorm(1, channels), nn.GELU(), second, nn.GroupNorm(1, channels), nn.GELU()
+            first,
+            nn.GroupNorm(1, channels),
+            nn.GELU(),
+            second,
+            nn.GroupNorm(1, channels),
+            nn.GELU(),
         )
 
     def forward(self, images: Tensor) -> Tensor:
