@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from trp.data import SHAPE_CLASSES
-from trp.machine import machine
+from trp.machine import keep_freed_memory, machine
 from trp.models.build import build_hf_model, build_model, build_tokenizer
 from trp.models.trp_model import TRPForConditionalGeneration
 from trp.recipes.checkpoint import load_checkpoint, save_checkpoint
@@ -175,6 +175,8 @@ def _trainer(
 
 def _setup(cfg: DictConfig) -> None:
     validate_config(cfg)
+    if cfg.get("keep_freed_memory", True):
+        keep_freed_memory()
     torch.set_num_threads(int(cfg.threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 

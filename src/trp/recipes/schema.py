@@ -716,6 +716,7 @@ class TrainConfig:
     recipe: RecipeConfig = MISSING
     seed: int = 0
     threads: int = 2
+    keep_freed_memory: bool = True
     run_name: str = "${recipe.name}-${now:%Y%m%d-%H%M%S}"
     output_root: str = "outputs"
     output_dir: str = "${output_root}/${run_name}"
