@@ -35,10 +35,10 @@ def keep_freed_memory() -> bool:
     By default glibc serves a block of more than ~32 MiB (less early in a process) with a
     fresh ``mmap`` and unmaps it when freed, so every training step's large activations and
     gradients are new pages the kernel must fault in and zero again. On a 2-core AMD EPYC
-    this made the demo's first 100 steps ~10% slower than with the blocks kept (0.43-0.44 vs
-    0.48-0.49 s/step) — and the step budget, which times those steps, planned too few. The
-    cost: the process keeps its peak heap instead of shrinking after it (as with the
-    jemalloc / tcmalloc set-ups PyTorch's CPU performance guide recommends).
+    the demo's steps ran 6% faster with the blocks kept (steps 25-150, three interleaved
+    pairs: 0.492 vs 0.524 s/step on average). The cost: the process keeps its peak heap
+    instead of shrinking after it (as with the jemalloc / tcmalloc set-ups PyTorch's CPU
+    performance guide recommends).
     """
     name = ctypes.util.find_library("c")
     if not name or not hasattr(os, "confstr"):
