@@ -145,3 +145,16 @@ def test_vision_weights_load_strictly(tmp_path) -> None:
             {**MODEL_CFG, "vision": {**vision, "weights": str(tmp_path / "bad.safetensors")}},
             tokenizer=_tokenizer(),
         )
+
+
+def test_a_checkpoint_from_before_fine_stem_loads_with_its_strided_stem(tmp_path) -> None:
+    from trp.recipes import load_checkpoint
+    from trp.recipes.checkpoint import save_checkpoint
+
+    model = build_model(
+        {**MODEL_CFG, "fine_channels": 4, "fine_stem": "strided"}, tokenizer=_tokenizer()
+    )
+    # The recipe config of a run from before the key: no model.fine_stem.
+    save_checkpoint(model, {"model": {"fine_channels": 4}}, tmp_path / "ckpt")
+    again, cfg = load_checkpoint(tmp_path / "ckpt")
+    assert again.vlm.fine_stem.kind == "strided" and cfg.model.fine_stem == "strided"

@@ -52,4 +52,10 @@ def load_checkpoint(directory: str | Path) -> tuple[TRPForConditionalGeneration,
             f"expected {list(CHECKPOINT_FILES)})"
         )
     cfg: Any = OmegaConf.load(directory / "config.yaml")
-    return TRPForConditionalGeneration.from_pretrained(directory), cfg
+    model = TRPForConditionalGeneration.from_pretrained(directory)
+    # A reference VLM saved before model.fine_stem existed was built with the strided stem its
+    # own config records; the recipe config then says so too (the schema default differs).
+    stem = getattr(getattr(model.vlm, "config", None), "fine_stem", None)
+    if stem is not None and "model" in cfg and "fine_stem" not in cfg.model:
+        cfg.model.fine_stem = stem
+    return model, cfg
