@@ -3,6 +3,8 @@ shared with the ViT, run once per forward) and config validation."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -154,7 +156,12 @@ def test_a_checkpoint_from_before_fine_stem_loads_with_its_strided_stem(tmp_path
     model = build_model(
         {**MODEL_CFG, "fine_channels": 4, "fine_stem": "strided"}, tokenizer=_tokenizer()
     )
-    # The recipe config of a run from before the key: no model.fine_stem.
+    # The recipe config and the host config of a run from before the key: no fine_stem in
+    # either (what an older save_pretrained wrote).
     save_checkpoint(model, {"model": {"fine_channels": 4}}, tmp_path / "ckpt")
+    host = tmp_path / "ckpt" / "vlm" / "config.json"
+    saved = json.loads(host.read_text())
+    assert saved.pop("fine_stem") == "strided"
+    host.write_text(json.dumps(saved))
     again, cfg = load_checkpoint(tmp_path / "ckpt")
     assert again.vlm.fine_stem.kind == "strided" and cfg.model.fine_stem == "strided"
