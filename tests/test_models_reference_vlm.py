@@ -149,19 +149,122 @@ def test_vision_weights_load_strictly(tmp_path) -> None:
         )
 
 
-def test_a_checkpoint_from_before_fine_stem_loads_with_its_strided_stem(tmp_path) -> None:
+def test_a_checkpoint_from_before_the_keys_loads_with_its_strided_stem_and_causal_images(
+    tmp_path,
+) -> None:
     from trp.recipes import load_checkpoint
     from trp.recipes.checkpoint import save_checkpoint
 
+    language = {**MODEL_CFG["language"], "image_attention": "causal"}
     model = build_model(
-        {**MODEL_CFG, "fine_channels": 4, "fine_stem": "strided"}, tokenizer=_tokenizer()
+        {**MODEL_CFG, "fine_channels": 4, "fine_stem": "strided", "language": language},
+        tokenizer=_tokenizer(),
     )
     # The recipe config and the host config of a run from before the key: no fine_stem in
     # either (what an older save_pretrained wrote).
-    save_checkpoint(model, {"model": {"fine_channels": 4}}, tmp_path / "ckpt")
+    recipe = {"model": {"fine_channels": 4, "language": {"hidden_size": 48}}}
+    save_checkpoint(model, recipe, tmp_path / "ckpt")
     host = tmp_path / "ckpt" / "vlm" / "config.json"
     saved = json.loads(host.read_text())
     assert saved.pop("fine_stem") == "strided"
+    assert saved.pop("image_attention") == "causal"
     host.write_text(json.dumps(saved))
     again, cfg = load_checkpoint(tmp_path / "ckpt")
     assert again.vlm.fine_stem.kind == "strided" and cfg.model.fine_stem == "strided"
+    # ... and with the causal image attention it was trained with
+    assert again.vlm.config.image_attention == "causal"
+    assert cfg.model.language.image_attention == "causal"
+
+
+def _image_attention_model(mode: str, attn: str):
+    language = {**MODEL_CFG["language"], "image_attention": mode, "attn_implementation": attn}
+    return _model(language=language).vlm
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_bidirectional_image_attention_lets_every_patch_see_the_whole_image(attn) -> None:
+    batch = _batch(with_answers=False, n=2)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    states = {}
+    for mode in ("causal", "bidirectional"):
+        vlm = _image_attention_model(mode, attn)
+        assert vlm.config.image_attention == mode
+        is_image = ids == vlm.config.image_token_id
+        encoding = vlm.encode_images(batch["images"])
+        patches = encoding.host_inputs["image_embeds"]
+        changed = patches.clone()
+        changed[:, -1] += 1.0  # the last patch of every image
+        runs = []
+        for image_embeds in (patches, changed):
+            with torch.no_grad():
+                out = vlm(input_ids=ids, attention_mask=mask, image_embeds=image_embeds)
+                hidden = vlm.language_states(
+                    ids,
+                    mask,
+                    type(encoding)(
+                        **{**vars(encoding), "host_inputs": {"image_embeds": image_embeds}}
+                    ),
+                )
+            runs.append((out.logits, hidden))
+        (logits, hidden), (logits2, hidden2) = runs
+        # forward and language_states see the same mask
+        torch.testing.assert_close(vlm.get_output_embeddings()(hidden), logits)
+        first_patch = is_image.float().argmax(1)
+        rows = torch.arange(ids.shape[0])
+        moved = (hidden2 - hidden)[rows, first_patch].abs().amax()
+        text_before = (~is_image).cumsum(1) == torch.arange(1, ids.shape[1] + 1)
+        text_before &= mask.bool()
+        states[mode] = moved
+        # the text before the image never sees the patches; the text after always does
+        assert (hidden2 - hidden)[text_before].abs().amax() == 0
+        assert (logits2 - logits)[:, -1].abs().amax() > 0
+    assert states["causal"] == 0  # the first patch cannot see the last one
+    assert states["bidirectional"] > 1e-4
+
+
+def test_bidirectional_image_attention_decodes_with_the_cache_as_without() -> None:
+    vlm = _image_attention_model("bidirectional", "eager")
+    batch = _batch(with_answers=False, n=2)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    image_embeds = vlm.encode_images(batch["images"]).host_inputs["image_embeds"]
+    extra = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    full_ids = torch.cat([ids, extra], 1)
+    full_mask = torch.cat([mask, torch.ones_like(extra)], 1)
+    with torch.no_grad():
+        whole = vlm(input_ids=full_ids, attention_mask=full_mask, image_embeds=image_embeds)
+        step = vlm(input_ids=ids, attention_mask=mask, image_embeds=image_embeds, use_cache=True)
+        logits = [step.logits]
+        cache = step.cache
+        for k in range(extra.shape[1]):
+            length = ids.shape[1] + k + 1
+            step = vlm(
+                input_ids=extra[:, k : k + 1],
+                attention_mask=full_mask[:, :length],
+                cache=cache,
+                use_cache=True,
+            )
+            logits.append(step.logits)
+            cache = step.cache
+    real = full_mask.bool()  # left padding's rows attend to nothing and are never read
+    torch.testing.assert_close(torch.cat(logits, 1)[real], whole.logits[real], rtol=1e-4, atol=1e-4)
+    # placeholders after cached tokens cannot be made bidirectional: refused, not ignored
+    with pytest.raises(ValueError, match="first forward call"):
+        vlm(
+            input_ids=ids,
+            attention_mask=torch.cat([full_mask, mask], 1),
+            image_embeds=image_embeds,
+            cache=cache,
+            use_cache=True,
+        )
+
+
+def test_image_attention_is_validated() -> None:
+    text = {"hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1}
+    assert ReferenceVLMConfig(text_config=text).image_attention == "causal"  # saved configs
+    with pytest.raises(ValueError, match="image_attention must be one of"):
+        ReferenceVLMConfig(text_config=text, image_attention="full")
+    with pytest.raises(ValueError, match="image_attention"):
+        build_model(
+            {**MODEL_CFG, "language": {**MODEL_CFG["language"], "image_attention": "full"}},
+            tokenizer=_tokenizer(),
+        )

@@ -64,6 +64,14 @@ def test_forced_sizes_and_explicit_values_are_never_probed() -> None:
     decision = choose_size(cfg, _probe(0.1, calls), budget_s=600.0)
     assert decision["size"] == "custom" and cfg.model.vision.embed_dim == 256
     assert cfg.recipe.size is None and "embed_dim=256" in decision["reason"]
+    # ... and over a forced size: its other keys are applied, the one set by hand is kept.
+    for size in ("narrow", "wide"):
+        cfg = compose([f"recipe.size={size}", "data.batch_size=24"])
+        decision = choose_size(cfg, _probe(0.1, calls), budget_s=600.0)
+        assert decision["size"] == "custom" and cfg.recipe.size is None
+        assert cfg.data.batch_size == 24 and "batch_size=24" in decision["reason"]
+        width = SIZES[size]["model.language.hidden_size"]
+        assert cfg.model.language.hidden_size == width
     # The wide values set by hand stay wide; no budget: auto keeps the config's sizes.
     cfg = compose([f"{k}={v}" for k, v in SIZES["wide"].items()])
     assert choose_size(cfg, _probe(9.0, calls), budget_s=600.0)["size"] == "wide"

@@ -146,6 +146,7 @@ def build_model(cfg: Mapping[str, Any], *, tokenizer) -> TRPForConditionalGenera
         patch_size=int(cfg["patch_size"]),
         fine_channels=fine_channels,
         fine_stem=str(cfg["fine_stem"]),
+        image_attention=str(language["image_attention"]),
         image_token_id=int(tokenizer.convert_tokens_to_ids("<image>")),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -33,10 +33,14 @@ from trp.models.fine_stem import STEM_KINDS, ConvStem, StemDownsample
 from trp.models.image_encoding import ImageEncoding
 
 __all__ = [
+    "IMAGE_ATTENTION",
     "ReferenceVLMConfig",
     "ReferenceVLMForConditionalGeneration",
     "build_vision_encoder",
 ]
+
+#: The patch tokens' attention among themselves (:class:`ReferenceVLMConfig`).
+IMAGE_ATTENTION = ("causal", "bidirectional")
 
 _VISION_KEYS = (
     "name",
@@ -67,6 +71,10 @@ class ReferenceVLMConfig(PretrainedConfig):
         text_attn_implementation: the LM's attention kernel (``eager`` / ``sdpa``), kept in the
             saved config so a reloaded model runs the same kernel (and numbers) as the trained
             one.
+        image_attention: how the LM's patch tokens attend to each other: ``causal`` (raster
+            order, LLaVA's form and the default of configs saved before the key) or
+            ``bidirectional`` (every patch of an image attends to all of its patches, PaliGemma's
+            prefix form; transformers' ``block_sequence_ids`` mask). Text stays causal.
     """
 
     model_type = "trp_reference_vlm"
@@ -81,6 +89,7 @@ class ReferenceVLMConfig(PretrainedConfig):
         fine_stem: str = "strided",
         image_token_id: int | None = None,
         text_attn_implementation: str | None = None,
+        image_attention: str = "causal",
         **kwargs: Any,
     ) -> None:
         vision = dict(
@@ -106,6 +115,13 @@ class ReferenceVLMConfig(PretrainedConfig):
             raise ValueError(f"fine_stem must be one of {STEM_KINDS}, got {fine_stem!r}")
         self.fine_stem = fine_stem
         self.image_token_id = image_token_id
+        if image_attention not in IMAGE_ATTENTION:
+            raise ValueError(
+                f"image_attention must be one of {IMAGE_ATTENTION}, got {image_attention!r}"
+            )
+        if image_attention == "bidirectional" and getattr(text_config, "use_sliding_window", False):
+            raise ValueError("image_attention=bidirectional needs an LM without sliding windows")
+        self.image_attention = image_attention
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size={image_size} must be divisible by patch_size={patch_size}"
@@ -290,9 +306,55 @@ class ReferenceVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         forcing), with the ``<image>`` placeholders filled from ``images``."""
         embeds = self.embed_inputs(input_ids, images.host_inputs["image_embeds"])
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        mask = self.decoder_mask(input_ids, embeds, attention_mask, None, positions)
         return self.get_decoder()(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions
         ).last_hidden_state
+
+    def decoder_mask(
+        self,
+        input_ids: Tensor | None,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor | None,
+        cache: Any,
+        position_ids: Tensor | None,
+    ) -> Any:
+        """The attention mask the Qwen2 backbone gets: ``attention_mask`` as given (causal), or
+        with ``image_attention="bidirectional"`` and the ``<image>`` placeholders in this call's
+        ``input_ids`` (training, or the prompt's prefill), the backbone's per-layer-type mask
+        dict whose image tokens attend to every image token of their sample. Decoding steps
+        after the prompt hold no placeholders and stay causal (the cache holds the patches'
+        bidirectional states)."""
+        if self.config.image_attention != "bidirectional" or input_ids is None:
+            return attention_mask
+        is_image = input_ids == self.config.image_token_id
+        if not bool(is_image.any()):
+            return attention_mask
+        if attention_mask is not None and (
+            isinstance(attention_mask, dict) or attention_mask.dim() != 2
+        ):
+            raise ValueError(
+                "image_attention=bidirectional builds the mask from a 2-D padding mask "
+                "[B, L]; got an already prepared mask (a static cache?): use a DynamicCache"
+            )
+        from transformers.masking_utils import create_causal_mask
+
+        # One image per sample: block 0 is every patch of it, -1 keeps the text causal.
+        blocks = is_image.long() - 1
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError(
+                "image_attention=bidirectional: the <image> placeholders must be in the first "
+                "forward call of a cached sequence (the prompt), not after cached tokens"
+            )
+        mask = create_causal_mask(
+            config=self.language.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+            block_sequence_ids=blocks,
+        )
+        return {"full_attention": mask}
 
     def embed_inputs(self, input_ids: Tensor, image_embeds: Tensor | None) -> Tensor:
         """Token embeddings ``[B, L, D]`` with the ``<image>`` placeholders replaced by
@@ -342,7 +404,9 @@ class ReferenceVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
             position_ids = positions[:, -inputs_embeds.shape[1] :]
         out = self.language.model(
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
+            attention_mask=self.decoder_mask(
+                input_ids, inputs_embeds, attention_mask, cache, position_ids
+            ),
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,

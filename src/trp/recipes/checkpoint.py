@@ -53,9 +53,17 @@ def load_checkpoint(directory: str | Path) -> tuple[TRPForConditionalGeneration,
         )
     cfg: Any = OmegaConf.load(directory / "config.yaml")
     model = TRPForConditionalGeneration.from_pretrained(directory)
-    # A reference VLM saved before model.fine_stem existed was built with the strided stem its
-    # own config records; the recipe config then says so too (the schema default differs).
-    stem = getattr(getattr(model.vlm, "config", None), "fine_stem", None)
-    if stem is not None and "model" in cfg and "fine_stem" not in cfg.model:
-        cfg.model.fine_stem = stem
+    # A reference VLM saved before a key existed was built with the form its own config
+    # records (the strided stem, causal image attention); the recipe config then says so too
+    # (the schema defaults differ).
+    host = getattr(model.vlm, "config", None)
+    for section, key in _HOST_KEYS:
+        value = getattr(host, key, None)
+        node = OmegaConf.select(cfg, section) if "model" in cfg else None
+        if value is not None and node is not None and key not in node:
+            node[key] = value
     return model, cfg
+
+
+# (recipe config section, key) pairs that the reference VLM's own config also records.
+_HOST_KEYS = (("model", "fine_stem"), ("model.language", "image_attention"))

@@ -4,8 +4,8 @@ What ten minutes of training buy depends on the CPU threefold between hosts of o
 tenfold between AVX2-only fp32 and AMX bf16. Two sizes of the reference VLM were measured
 (docs/recipes.md, "One size does not fit every CPU"):
 
-* ``narrow`` (ViT and LM 128 wide, 2 heads, batch 16): cheap steps, but it stops improving at
-  about REC ACC@0.5 0.65 (1642 and 2848 steps end at the same place);
+* ``narrow`` (ViT and LM 128 wide, 2 ViT and 4 LM heads, batch 16): cheap steps, but it stops
+  improving at about REC ACC@0.5 0.65 (1642 and 2848 steps end at the same place);
 * ``wide`` (192 wide, 3 heads as timm's ``vit_tiny``, batch 32): 2.2-2.7x the cost of a step
   and more learned per step (REC 0.69 at 1000 steps against the narrow model's 0.52, six heads
   of 32), so it wins wherever the budget buys it enough steps and loses where it does not.
@@ -16,9 +16,10 @@ Lightning's overhead included), predicts how many steps the run's ``trainer.max_
 at least ``recipe.min_wide_steps``, else ``narrow``. The choice is written into the config
 (``recipe.size``) before the model is built, so the checkpoint, ``metrics.json`` and the repeat
 command (``trainer.max_steps=N trainer.max_time=null recipe.size=<size>``) name it. A size's keys
-set explicitly to other values win: the config is then used as given (``custom``), and the run
-says so. Rank 0 publishes the decision in ``TRP_AUTO_SIZE``; the ranks Lightning launches for
-DDP read it (and never time on their own), so every rank builds the same model.
+set explicitly to other values win, over ``auto`` and over a forced ``narrow`` / ``wide`` alike:
+the config is then used as given (``custom``), and the run says so. Rank 0 publishes the
+decision in ``TRP_AUTO_SIZE``; the ranks Lightning launches for DDP read it (and never time
+on their own), so every rank builds the same model.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ SIZES: dict[str, dict[str, int]] = {
         "model.vision.num_heads": 2,
         "model.language.hidden_size": 128,
         "model.language.intermediate_size": 512,
-        "model.language.num_heads": 2,
-        "model.language.num_kv_heads": 2,
+        "model.language.num_heads": 4,
+        "model.language.num_kv_heads": 4,
         "data.batch_size": 16,
     },
     "wide": {
@@ -88,6 +89,17 @@ def size_of(cfg: DictConfig) -> str:
         if all(OmegaConf.select(cfg, key) == value for key, value in keys.items()):
             return name
     return "custom"
+
+
+def _set_by_hand(cfg: DictConfig, size: str) -> dict[str, Any]:
+    """The size keys ``cfg`` sets to a value that is neither ``size``'s nor the narrow one the
+    packaged YAMLs hold: values a user (or a recipe) chose, which a forced size must keep."""
+    own = {}
+    for key, value in SIZES[size].items():
+        current = OmegaConf.select(cfg, key)
+        if current not in (value, SIZES["narrow"][key]):
+            own[key] = current
+    return own
 
 
 def apply_size(cfg: DictConfig, size: str) -> None:
@@ -133,8 +145,19 @@ def choose_size(
             f"recipe.size must be one of {list(MODEL_SIZES)} or null, got {requested!r}"
         )
     if requested in SIZES:
+        own = _set_by_hand(cfg, requested)
         apply_size(cfg, requested)
-        decision.update(size=requested, reason=f"recipe.size={requested}")
+        if not own:
+            decision.update(size=requested, reason=f"recipe.size={requested}")
+            return decision
+        # Sizes set on the command line win over a forced size too: never dropped silently.
+        for key, value in own.items():
+            OmegaConf.update(cfg, key, value, merge=False)
+        cfg.recipe.size = None
+        keys = ", ".join(f"{k}={v}" for k, v in own.items())
+        decision.update(
+            size="custom", reason=f"recipe.size={requested} with the sizes set ({keys})"
+        )
         return decision
     current = size_of(cfg)
     if current == "wide":

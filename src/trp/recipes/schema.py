@@ -36,6 +36,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from trp.data.refcoco import REFCOCO_SPLITS
 from trp.models.fine_stem import STEM_KINDS
+from trp.models.reference_vlm import IMAGE_ATTENTION
 from trp.recipes.conversation import TARGET_KINDS
 from trp.recipes.precision import PRECISIONS
 
@@ -338,13 +339,15 @@ class LanguageConfig:
     hidden_size: int = 128
     intermediate_size: int = 512
     num_layers: int = 4
-    num_heads: int = 2
-    num_kv_heads: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
     max_positions: int = 512
     tie_embeddings: bool = True
     attn_implementation: str = "eager"
+    image_attention: str = "bidirectional"
 
     def __post_init__(self) -> None:
+        _one_of("image_attention", self.image_attention, IMAGE_ATTENTION)
         if self.pretrained_dir is not None:
             raise _Invalid(
                 "{at}pretrained_dir: the reference VLM builds its LM from the sizes; fine-tune "
