@@ -3,6 +3,7 @@ shared with the ViT, run once per forward) and config validation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -201,9 +202,7 @@ def test_bidirectional_image_attention_lets_every_patch_see_the_whole_image(attn
                 hidden = vlm.language_states(
                     ids,
                     mask,
-                    type(encoding)(
-                        **{**vars(encoding), "host_inputs": {"image_embeds": image_embeds}}
-                    ),
+                    dataclasses.replace(encoding, host_inputs={"image_embeds": image_embeds}),
                 )
             runs.append((out.logits, hidden))
         (logits, hidden), (logits2, hidden2) = runs

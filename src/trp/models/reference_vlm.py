@@ -337,15 +337,15 @@ class ReferenceVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 "image_attention=bidirectional builds the mask from a 2-D padding mask "
                 "[B, L]; got an already prepared mask (a static cache?): use a DynamicCache"
             )
-        from transformers.masking_utils import create_causal_mask
-
-        # One image per sample: block 0 is every patch of it, -1 keeps the text causal.
-        blocks = is_image.long() - 1
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError(
                 "image_attention=bidirectional: the <image> placeholders must be in the first "
                 "forward call of a cached sequence (the prompt), not after cached tokens"
             )
+        from transformers.masking_utils import create_causal_mask
+
+        # One image per sample: block 0 is every patch of it, -1 keeps the text causal.
+        blocks = is_image.long() - 1
         mask = create_causal_mask(
             config=self.language.config,
             inputs_embeds=inputs_embeds,

@@ -59,7 +59,7 @@ def load_checkpoint(directory: str | Path) -> tuple[TRPForConditionalGeneration,
     host = getattr(model.vlm, "config", None)
     for section, key in _HOST_KEYS:
         value = getattr(host, key, None)
-        node = OmegaConf.select(cfg, section) if "model" in cfg else None
+        node = OmegaConf.select(cfg, section)
         if value is not None and node is not None and key not in node:
             node[key] = value
     return model, cfg
